@@ -1,0 +1,184 @@
+"""The command line: ``quanteval [overrides]``. The only module that imports Hydra and OmegaConf.
+
+``conf/config.yaml`` puts Hydra in MULTIRUN mode with the default grid in
+``hydra.sweeper.params``; overrides change it (``quanteval bits=4,3
+method=rtn``). Before Hydra launches anything, ``main`` expands the whole
+grid, composes every job's config and validates it, so a bad value in job 7
+fails in one line before job 1 does any work. A Hydra ``Callback`` writes
+the report when the sweep ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from quanteval import config as C
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("model", "method", "task", "preset")
+log = logging.getLogger("quanteval")
+
+_FAILED: list[str] = []  # labels of jobs that failed in this process
+
+
+def _register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=C.RunConfig)
+    cs.store(group="model", name="base_model", node=C.ModelConfig)
+    cs.store(group="method", name="base_none", node=C.NoneConfig)
+    cs.store(group="method", name="base_rtn", node=C.RTNConfig)
+    cs.store(group="task", name="base_wikitext2", node=C.WikiText2Config)
+    cs.store(group="preset", name="base_preset", node=C.PresetConfig)
+
+
+_register()
+
+
+class UsageError(Exception):
+    """A bad command line or config: reported in one line, exit code 2."""
+
+
+def _choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _check_group_values(overrides: list[str]) -> None:
+    """Unknown model/method/task/preset names, with the known ones listed."""
+    for ov in overrides:
+        key, _, value = ov.partition("=")
+        key = key.lstrip("+~")
+        if key not in GROUPS or not value or "(" in value:
+            continue
+        for v in value.split(","):
+            if v.strip() not in _choices(key):
+                raise UsageError(f"{key}={v.strip()}: unknown {key}; choose one of: {', '.join(_choices(key))}")
+
+
+def _check_launcher(overrides: list[str]) -> None:
+    import importlib.util
+
+    for ov in overrides:
+        if ov.startswith("hydra/launcher=submitit") and importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+            raise UsageError(f"{ov}: hydra-submitit-launcher is not installed; pip install 'quanteval[cluster]'")
+
+
+def to_run_config(cfg: DictConfig) -> C.RunConfig:
+    """A composed job config as a validated ``RunConfig`` (UsageError in one line)."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except ValueError as e:
+        raise UsageError(str(e).splitlines()[0]) from None
+    except Exception as e:  # noqa: BLE001 - OmegaConf's type errors: keep their first line
+        raise UsageError(_first_line(e)) from None
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an error, plus the first line of its cause (OmegaConf hides the detail there)."""
+    msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    cause = e.__cause__ or e.__context__
+    if cause is not None and str(cause).strip():
+        detail = str(cause).strip().splitlines()[0]
+        if detail not in msg:
+            msg = f"{msg}: {detail}"
+    return msg
+
+
+def expand_grid(overrides: list[str]) -> list[list[str]]:
+    """The job overrides the sweep will launch: config's sweeper params, then the command line."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed_cli = OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:  # noqa: BLE001 - override syntax errors, one line
+        raise UsageError(_first_line(e)) from None
+    plain = [o.input_line for o in parsed_cli if not o.is_sweep_override()]
+    job_ov = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        try:
+            master = compose("config", overrides=plain, return_hydra_config=True)
+        except Exception as e:  # noqa: BLE001 - Hydra composition errors, one line
+            raise UsageError(_first_line(e)) from None
+        params = [f"{k}={v}" for k, v in (master.hydra.sweeper.params or {}).items()]
+        parsed = OverridesParser.create().parse_overrides(params + job_ov)
+        jobs = BasicSweeper.split_arguments(parsed, None)[0]
+        for job in jobs:
+            try:
+                job_cfg = compose("config", overrides=list(job))
+            except Exception as e:  # noqa: BLE001
+                raise UsageError(f"{' '.join(job)}: {_first_line(e)}") from None
+            run_cfg = to_run_config(job_cfg)
+            _check_inputs(run_cfg)
+    GlobalHydra.instance().clear()
+    return jobs
+
+
+def _check_inputs(cfg: C.RunConfig) -> None:
+    """Cheap checks of files a job will read: data and model files."""
+    from quanteval.data import data_file, resolve_data_dir
+
+    try:
+        root = resolve_data_dir(cfg.data_dir)
+        if hasattr(cfg.task, "file"):
+            data_file(root, cfg.task.file)
+        if cfg.model.source == "gguf_package":
+            from quanteval.models import check_gguf, gguf_path
+
+            check_gguf(gguf_path(cfg.model))
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
+class ReportCallback(Callback):
+    """Writes the report, and prints a summary, when the sweep ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from quanteval.report import Thresholds, build_report
+
+        sweep = Path(config.results_dir).resolve() / config.sweep_name
+        th = Thresholds(kl_survives=config.report.kl_survives, kl_collapses=config.report.kl_collapses)
+        index = build_report(sweep, thresholds=th)
+        print(f"quanteval: report written to {index}")
+        if _FAILED:
+            print(f"quanteval: {len(_FAILED)} run(s) failed: {', '.join(_FAILED)}", file=sys.stderr)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def _job(cfg: DictConfig) -> None:
+    from quanteval.sweep import run_job
+
+    run_cfg = to_run_config(cfg)
+    record = run_job(run_cfg)
+    if record["status"] != "ok":
+        _FAILED.append(run_cfg.variant()["label"])
+
+
+def main() -> None:
+    """Console entry point: validate the whole grid, then hand over to Hydra."""
+    args = sys.argv[1:]
+    if not any(a.startswith("-") for a in args):  # --help, --cfg, -m ... go straight to Hydra
+        try:
+            _check_group_values(args)
+            _check_launcher(args)
+            jobs = expand_grid(args)
+        except UsageError as e:
+            print(f"quanteval: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        print(f"quanteval: {len(jobs)} job(s) validated", file=sys.stderr)
+    _job()
+    if _FAILED:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

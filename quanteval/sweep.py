@@ -1,0 +1,194 @@
+"""Run one job of the grid: load (cached per process), quantise, evaluate, store.
+
+Hydra's launcher calls ``run_job`` once per job. Work that several jobs
+share is done once:
+
+- the model is loaded once per process (``_MODEL``) and each variant is built
+  from a saved copy of the baseline weights;
+- the baseline's task outputs are computed once and kept on disk (see each
+  task's ``baseline``), keyed by everything that changes them;
+- a job whose run file already holds ``status: ok`` is skipped (resume);
+  ``rerun=true`` recomputes it.
+
+A job that fails writes a ``status: failed`` run file with a one-line error
+(never one that looks complete) and the sweep goes on with the next job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+import re
+import resource
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import quanteval
+from quanteval import results
+from quanteval.accounting import compression
+from quanteval.config import RunConfig
+from quanteval.data import resolve_data_dir
+from quanteval.methods import METHODS, QuantSpec, apply_result
+from quanteval.models import LoadedModel, adapter_for, load_model, resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+_MODEL: dict = {}  # process-level cache: {"key": ..., "loaded": LoadedModel, "base_state": {...}}
+
+
+@dataclass
+class JobContext:
+    """Everything a task needs to score the model currently in memory."""
+
+    cfg: RunConfig
+    loaded: LoadedModel
+    data_root: Path
+    cache_dir: Path
+    model_key: str  # identifies the baseline weights (name + provenance + dtype)
+
+
+def sweep_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.results_dir).resolve() / cfg.sweep_name
+
+
+def cache_dir(cfg: RunConfig) -> Path:
+    """Caches shared by every sweep under one results_dir."""
+    return Path(cfg.results_dir).resolve() / "cache"
+
+
+def _model_key(cfg: RunConfig) -> dict:
+    return {"model": dataclasses.asdict(cfg.model), "dtype": cfg.dtype, "device": cfg.device}
+
+
+def run_settings(cfg: RunConfig) -> dict:
+    """Every setting that changes this run's result; hashed into the run key."""
+    settings = {
+        **_model_key(cfg),
+        "variant": cfg.variant(),
+        "task": dataclasses.asdict(cfg.task),
+        "preset": dataclasses.asdict(cfg.preset),
+        "quanteval": quanteval.__version__,
+        "git": results.git_commit(),
+    }
+    if cfg.method.quantizes:
+        settings["method"] = dataclasses.asdict(cfg.method)
+        settings["quantize_embeddings"] = cfg.quantize_embeddings
+        settings["seed"] = cfg.seed
+    return settings
+
+
+def run_path(cfg: RunConfig, key: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", cfg.variant()["label"]).strip("-")
+    return sweep_dir(cfg) / "runs" / f"{cfg.task.name}__{cfg.model.name}__{slug}__{key[:12]}.json"
+
+
+def get_model(cfg: RunConfig) -> tuple[LoadedModel, str]:
+    """The baseline model for ``cfg``, loaded once per process and restored to baseline weights."""
+    key = results.run_key(_model_key(cfg))
+    if _MODEL.get("key") != key:
+        _MODEL.clear()  # one model in memory at a time
+        device = resolve_device(cfg.device)
+        loaded = load_model(cfg.model, device, resolve_dtype(cfg.dtype, device))
+        base_state = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
+        _MODEL.update(key=key, loaded=loaded, base_state=base_state, dirty=False)
+    elif _MODEL["dirty"]:
+        _MODEL["loaded"].model.load_state_dict(_MODEL["base_state"])
+    _MODEL["dirty"] = False
+    return _MODEL["loaded"], key
+
+
+def _versions() -> dict:
+    import transformers
+
+    return {"quanteval": quanteval.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_job(cfg: RunConfig) -> dict:
+    """Run (or skip, when done) one job; returns its run record."""
+    from quanteval.evaluate import TASKS
+
+    settings = run_settings(cfg)
+    key = results.run_key(settings)
+    path = run_path(cfg, key)
+    base_record = {
+        "run_key": key, "sweep_name": cfg.sweep_name, "task": cfg.task.name,
+        "variant": cfg.variant(), "config": dataclasses.asdict(cfg), "settings": settings,
+    }
+    if not cfg.rerun and results.completed(path):
+        log.info("done already, skipping: %s", path.name)
+        return results.read_run(path)
+    timings: dict[str, float] = {}
+    try:
+        t0 = time.perf_counter()
+        loaded, model_key = get_model(cfg)
+        timings["load_s"] = time.perf_counter() - t0
+        model = loaded.model
+        device = next(model.parameters()).device
+        ctx = JobContext(cfg, loaded, resolve_data_dir(cfg.data_dir), cache_dir(cfg), model_key)
+        task = TASKS[cfg.task.name]
+        t0 = time.perf_counter()
+        task.baseline(ctx)  # computed once, cached on disk; needs the baseline weights
+        timings["baseline_s"] = time.perf_counter() - t0
+        param_count = sum(p.numel() for p in model.parameters())
+        layers = {}
+        if cfg.method.quantizes:
+            t0 = time.perf_counter()
+            spec = QuantSpec(cfg.bits, cfg.group_size, cfg.sym, cfg.quantize_embeddings)
+            torch.manual_seed(cfg.seed)
+            result = METHODS[cfg.method.name](model, adapter_for(model), spec, cfg.method, ctx)
+            _MODEL["dirty"] = True
+            apply_result(model, result)
+            layers = result.layers
+            timings["quantize_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        metrics = task.score(ctx)
+        timings["eval_s"] = time.perf_counter() - t0
+        per_window = metrics.pop("per_window", None)
+        record = {
+            **base_record,
+            "status": "ok",
+            "model": {"name": cfg.model.name, "provenance": _provenance_line(loaded.provenance),
+                      **loaded.provenance},
+            "metrics": metrics,
+            "per_window": per_window,
+            "compression": compression(param_count, layers),
+            "timings": timings,
+            "peak_memory_mb": _peak_memory_mb(device),
+            "versions": _versions(),
+            "device": str(device),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+    except Exception as e:  # noqa: BLE001 - recorded as a failed run, and the sweep goes on
+        line = f"{type(e).__name__}: {e}".splitlines()[0]
+        log.error("run failed (%s): %s", cfg.variant()["label"], line)
+        log.debug("%s", traceback.format_exc())
+        record = {**base_record, "status": "failed", "error": line, "timings": timings,
+                  "model": {"name": cfg.model.name},
+                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    results.write_run(path, record)
+    if record["status"] == "ok":
+        log.info("%s %s: %s", cfg.task.name, cfg.variant()["label"], _summary(record["metrics"]))
+    return record
+
+
+def _provenance_line(p: dict) -> str:
+    return "; ".join(str(p[k]) for k in ("source", "note") if p.get(k)) + f" (dtype {p.get('dtype')})"
+
+
+def _summary(m: dict) -> str:
+    keys = [k for k in ("ppl", "kl_mean", "same_top1") if k in m]
+    return " ".join(f"{k}={m[k]:.4g}" for k in keys)
+
