@@ -34,6 +34,8 @@ def _register() -> None:
     cs.store(group="model", name="base_model", node=C.ModelConfig)
     cs.store(group="method", name="base_none", node=C.NoneConfig)
     cs.store(group="method", name="base_rtn", node=C.RTNConfig)
+    cs.store(group="method", name="base_gptq", node=C.GPTQConfig)
+    cs.store(group="method", name="base_awq", node=C.AWQConfig)
     cs.store(group="task", name="base_wikitext2", node=C.WikiText2Config)
     cs.store(group="preset", name="base_preset", node=C.PresetConfig)
 
@@ -90,8 +92,11 @@ def _first_line(e: BaseException) -> str:
     return msg
 
 
-def expand_grid(overrides: list[str]) -> list[list[str]]:
-    """The job overrides the sweep will launch: config's sweeper params, then the command line."""
+def expand_grid(overrides: list[str]) -> tuple[list[list[str]], int, str]:
+    """The job overrides the sweep will launch (config's sweeper params, then the command line),
+    each composed and validated; how many the preset's grid keeps; and the sweep's ``results_dir``."""
+    from quanteval.sweep import preset_skips
+
     from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
@@ -112,6 +117,9 @@ def expand_grid(overrides: list[str]) -> list[list[str]]:
         params = [f"{k}={v}" for k, v in (master.hydra.sweeper.params or {}).items()]
         parsed = OverridesParser.create().parse_overrides(params + job_ov)
         jobs = BasicSweeper.split_arguments(parsed, None)[0]
+        results_dir = str(master.results_dir)
+        user_bits = any(o.key_or_group == "bits" for o in parsed_cli)
+        n_run = 0
         for job in jobs:
             try:
                 job_cfg = compose("config", overrides=list(job))
@@ -119,8 +127,10 @@ def expand_grid(overrides: list[str]) -> list[list[str]]:
                 raise UsageError(f"{' '.join(job)}: {_first_line(e)}") from None
             run_cfg = to_run_config(job_cfg)
             _check_inputs(run_cfg)
+            run_cfg.use_preset_grid = not user_bits
+            n_run += preset_skips(run_cfg) is None
     GlobalHydra.instance().clear()
-    return jobs
+    return jobs, n_run, results_dir
 
 
 def _check_inputs(cfg: C.RunConfig) -> None:
@@ -159,7 +169,7 @@ def _job(cfg: DictConfig) -> None:
 
     run_cfg = to_run_config(cfg)
     record = run_job(run_cfg)
-    if record["status"] != "ok":
+    if record["status"] == "failed":
         _FAILED.append(run_cfg.variant()["label"])
 
 
@@ -170,11 +180,15 @@ def main() -> None:
         try:
             _check_group_values(args)
             _check_launcher(args)
-            jobs = expand_grid(args)
+            jobs, n_run, results_dir = expand_grid(args)
         except UsageError as e:
             print(f"quanteval: error: {e}", file=sys.stderr)
             sys.exit(2)
-        print(f"quanteval: {len(jobs)} job(s) validated", file=sys.stderr)
+        print(f"quanteval: {len(jobs)} job(s) validated, {n_run} in this preset's grid", file=sys.stderr)
+        if any(a.split("=", 1)[0].lstrip("+~") == "bits" for a in args):
+            sys.argv.append("use_preset_grid=false")  # the user chose the bits: run exactly those
+        if not Path(results_dir).is_absolute():  # jobs on a cluster start in other directories
+            sys.argv.append(f"results_dir={Path(results_dir).resolve()}")
     _job()
     if _FAILED:
         sys.exit(1)

@@ -69,6 +69,41 @@ class RTNConfig(MethodConfig):
 
 
 @dataclass
+class GPTQConfig(MethodConfig):
+    """GPTQ (Frantar et al. 2022); defaults follow the IST-DASLab reference."""
+
+    name: str = "gptq"
+    damp: float = 0.01  # dampening, as a fraction of the Hessian's mean diagonal
+    block_size: int = 128  # columns per lazy batch update
+    act_order: bool = False  # quantise columns in order of descending Hessian diagonal
+    static_groups: bool = False  # with act_order: group scales fixed from the original column order
+    max_damp: float = 1.0  # give up (error naming the layer) when damping would exceed this
+
+    def __post_init__(self) -> None:
+        _check(0 < self.damp <= self.max_damp, f"method.damp={self.damp}: must be in (0, method.max_damp]")
+        _check(self.block_size > 0, f"method.block_size={self.block_size}: must be positive")
+
+
+@dataclass
+class AWQConfig(MethodConfig):
+    """AWQ (Lin et al. 2023); defaults follow mit-han-lab/llm-awq."""
+
+    name: str = "awq"
+    n_grid: int = 20  # alpha grid points in [0, 1) for the scale search
+    duo_scaling: bool = False  # scales = x^a / w^(1-a) instead of x^a
+    clip: bool = True  # search per-group weight clipping after scaling
+    max_shrink: float = 0.5  # clipping search: shrink the max by up to this fraction
+    clip_grid: int = 20  # clipping candidates: int(max_shrink * clip_grid)
+    search_tokens: int = 4096  # calibration tokens the searches use (a subset of the calibration set)
+
+    def __post_init__(self) -> None:
+        _check(self.n_grid > 0, f"method.n_grid={self.n_grid}: must be positive")
+        _check(0 < self.max_shrink < 1, f"method.max_shrink={self.max_shrink}: must be in (0, 1)")
+        _check(self.clip_grid > 0, f"method.clip_grid={self.clip_grid}: must be positive")
+        _check(self.search_tokens > 0, f"method.search_tokens={self.search_tokens}: must be positive")
+
+
+@dataclass
 class TaskConfig:
     """Base of every task's settings."""
 
@@ -96,12 +131,29 @@ class PresetConfig:
     seq_len: int = 512  # tokens per window
     calib_samples: int = 32  # calibration sequences (GPTQ/AWQ)
     calib_seq_len: int = 512  # tokens per calibration sequence
+    # bits each method runs at in the default grid; unlisted methods run at every width.
+    # Ignored when the command line sets `bits`.
+    method_bits: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for k in ("n_windows", "seq_len", "calib_samples", "calib_seq_len"):
             v = getattr(self, k)
             _check(isinstance(v, int) and v > 0, f"preset.{k}={v}: must be a positive integer")
         _check(self.seq_len >= 2, f"preset.seq_len={self.seq_len}: must be >= 2")
+
+
+@dataclass
+class CalibrationConfig:
+    """Calibration data for methods that need it; sizes come from the preset."""
+
+    dataset: str = "wikitext2"  # wikitext2 (valid split) | gsm8k (train split); or set path
+    path: Optional[str] = None  # a user's .jsonl ('text' field) or .txt file; overrides dataset
+    batch_size: int = 8  # sequences per forward chunk during capture and block passes
+
+    def __post_init__(self) -> None:
+        _check(self.path is not None or self.dataset in ("wikitext2", "gsm8k"),
+               f"calibration.dataset={self.dataset!r}: choose wikitext2 or gsm8k, or set calibration.path")
+        _check(self.batch_size > 0, f"calibration.batch_size={self.batch_size}: must be positive")
 
 
 @dataclass
@@ -124,6 +176,7 @@ class RunConfig:
     method: Any = None
     task: Any = None
     preset: Any = None
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     bits: int = 4  # 2..8; ignored by method=none
     group_size: int = 64  # -1 = per output channel; 64 divides every layer of both embedded models
@@ -136,6 +189,7 @@ class RunConfig:
     results_dir: str = "results"  # resolved to an absolute path at start
     sweep_name: str = "default"  # never a timestamp: resume finds runs by it
     rerun: bool = False  # recompute runs whose result exists
+    use_preset_grid: bool = True  # apply preset.method_bits (the CLI sets false when `bits` is overridden)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.group_size, int), f"group_size={self.group_size!r}: must be an integer")

@@ -40,6 +40,8 @@ from quanteval.models import LoadedModel, adapter_for, load_model, resolve_devic
 log = logging.getLogger(__name__)
 
 _MODEL: dict = {}  # process-level cache: {"key": ..., "loaded": LoadedModel, "base_state": {...}}
+_CALIB: dict = {}  # process-level cache: {calibration key: BlockInputs}, one entry at a time
+_DONE: set[str] = set()  # run keys finished by this process (rerun=true still computes each once)
 
 
 @dataclass
@@ -79,8 +81,66 @@ def run_settings(cfg: RunConfig) -> dict:
     if cfg.method.quantizes:
         settings["method"] = dataclasses.asdict(cfg.method)
         settings["quantize_embeddings"] = cfg.quantize_embeddings
-        settings["seed"] = cfg.seed
+        if METHODS[cfg.method.name].needs_calibration:
+            settings["calibration"] = calibration_settings(cfg)
     return settings
+
+
+def preset_skips(cfg: RunConfig) -> str | None:
+    """Why the preset's grid leaves this job out (None when it runs).
+
+    ``preset.method_bits`` trims the default Cartesian grid (e.g. GPTQ/AWQ only at 4 and 3 bits
+    on a CPU); ``use_preset_grid`` is turned off by the CLI when the user sets ``bits`` explicitly.
+    """
+    allowed = cfg.preset.method_bits.get(cfg.method.name)
+    if not cfg.use_preset_grid or allowed is None or cfg.bits in allowed:
+        return None
+    return (f"not in preset {cfg.preset.name}'s grid (preset.method_bits.{cfg.method.name}={list(allowed)}); "
+            f"set bits explicitly to run it")
+
+
+def calibration_settings(cfg: RunConfig) -> dict:
+    return {"dataset": cfg.calibration.dataset, "path": cfg.calibration.path, "seed": cfg.seed,
+            "n_samples": cfg.preset.calib_samples, "seq_len": cfg.preset.calib_seq_len}
+
+
+def calibration_inputs(cfg: RunConfig, ctx: "JobContext", adapter):
+    """First-block inputs of the calibration set: captured once per model and settings, per process."""
+    from quanteval.calibration import calibration_file, calibration_ids, capture_inputs
+
+    key = results.run_key({"model": ctx.model_key, **calibration_settings(cfg)})
+    if key not in _CALIB:
+        _CALIB.clear()
+        c = cfg.calibration
+        file = calibration_file(c.dataset, c.path, ctx.data_root)
+        ids = calibration_ids(ctx.loaded.tokenizer, file, cfg.preset.calib_samples, cfg.preset.calib_seq_len, cfg.seed)
+        log.info("capturing first-block inputs: %d x %d tokens from %s", *ids.shape, file.name)
+        _CALIB[key] = capture_inputs(ctx.loaded.model, adapter, ids, c.batch_size)
+    return _CALIB[key]
+
+
+def quantize(cfg: RunConfig, ctx: "JobContext"):
+    """The method's result for this job: from the on-disk cache when the method caches, else computed.
+
+    The cache key is the run's settings without the task's: every task reuses one result.
+    """
+    from quanteval.methods import QuantResult
+
+    method = METHODS[cfg.method.name]
+    key = results.run_key({k: v for k, v in run_settings(cfg).items() if k not in ("task", "preset")})
+    path = cache_dir(cfg) / "quant" / f"{cfg.method.name}-{key}.pt"
+    if method.cache and path.exists() and not cfg.rerun:
+        log.info("reusing cached %s result %s", cfg.method.name, path.name)
+        return QuantResult.load(path)
+    model = ctx.loaded.model
+    adapter = adapter_for(model)
+    calib = calibration_inputs(cfg, ctx, adapter) if method.needs_calibration else None
+    spec = QuantSpec(cfg.bits, cfg.group_size, cfg.sym, cfg.quantize_embeddings)
+    torch.manual_seed(cfg.seed)
+    result = method.compute(model, adapter, spec, cfg.method, calib)
+    if method.cache:
+        result.save(path)
+    return result
 
 
 def run_path(cfg: RunConfig, key: str) -> Path:
@@ -127,9 +187,13 @@ def run_job(cfg: RunConfig) -> dict:
         "run_key": key, "sweep_name": cfg.sweep_name, "task": cfg.task.name,
         "variant": cfg.variant(), "config": dataclasses.asdict(cfg), "settings": settings,
     }
-    if not cfg.rerun and results.completed(path):
+    if (not cfg.rerun or key in _DONE) and results.completed(path):
         log.info("done already, skipping: %s", path.name)
         return results.read_run(path)
+    skip = preset_skips(cfg)
+    if skip:
+        log.info("%s: %s", cfg.variant()["label"], skip)
+        return {"status": "skipped", "reason": skip}
     timings: dict[str, float] = {}
     try:
         t0 = time.perf_counter()
@@ -143,16 +207,15 @@ def run_job(cfg: RunConfig) -> dict:
         task.baseline(ctx)  # computed once, cached on disk; needs the baseline weights
         timings["baseline_s"] = time.perf_counter() - t0
         param_count = sum(p.numel() for p in model.parameters())
-        layers = {}
+        layers, quant_info = {}, {}
         if cfg.method.quantizes:
             t0 = time.perf_counter()
-            spec = QuantSpec(cfg.bits, cfg.group_size, cfg.sym, cfg.quantize_embeddings)
-            torch.manual_seed(cfg.seed)
-            result = METHODS[cfg.method.name](model, adapter_for(model), spec, cfg.method, ctx)
+            result = quantize(cfg, ctx)
             _MODEL["dirty"] = True
             apply_result(model, result)
             layers = result.layers
             timings["quantize_s"] = time.perf_counter() - t0
+            quant_info = result.info
         t0 = time.perf_counter()
         metrics = task.score(ctx)
         timings["eval_s"] = time.perf_counter() - t0
@@ -165,6 +228,7 @@ def run_job(cfg: RunConfig) -> dict:
             "metrics": metrics,
             "per_window": per_window,
             "compression": compression(param_count, layers),
+            "quantization": quant_info,
             "timings": timings,
             "peak_memory_mb": _peak_memory_mb(device),
             "versions": _versions(),
@@ -179,6 +243,7 @@ def run_job(cfg: RunConfig) -> dict:
                   "model": {"name": cfg.model.name},
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     results.write_run(path, record)
+    _DONE.add(key)
     if record["status"] == "ok":
         log.info("%s %s: %s", cfg.task.name, cfg.variant()["label"], _summary(record["metrics"]))
     return record

@@ -1,9 +1,11 @@
 """Quantisation methods: each computes a ``QuantResult``; one function applies any result.
 
-``METHODS`` maps the name used in ``conf/method/<name>.yaml`` to the function
-that computes a result (the module ``quanteval/methods/<name>.py``)::
+``METHODS`` maps the name used in ``conf/method/<name>.yaml`` to a ``Method``
+whose ``compute`` returns a result (the module ``quanteval/methods/<name>.py``)::
 
-    result = METHODS["rtn"](model, adapter, spec, method_cfg, calib)
+    m = METHODS["gptq"]
+    calib = capture_inputs(model, adapter, ids) if m.needs_calibration else None
+    result = m.compute(model, adapter, spec, method_cfg, calib)
     apply_result(model, result)   # fake-quant: dequantised weights written in place
 
 Compute, then apply: a ``QuantResult`` is plain tensors, so it can be cached,
@@ -110,7 +112,8 @@ def quantized_layer_names(model: torch.nn.Module, adapter, spec: QuantSpec) -> l
     return names
 
 
-def _rtn(model, adapter, spec, method_cfg, calib) -> QuantResult:
+def rtn_model(model, adapter, spec: QuantSpec, method_cfg=None, calib=None) -> QuantResult:
+    """RTN on every quantised linear of ``model`` (no calibration)."""
     from quanteval.methods.rtn import rtn_layer
 
     layers = {}
@@ -120,8 +123,30 @@ def _rtn(model, adapter, spec, method_cfg, calib) -> QuantResult:
     return QuantResult(layers=layers)
 
 
-MethodFn = Callable[..., QuantResult]
-METHODS: dict[str, MethodFn | None] = {
+@dataclass(frozen=True)
+class Method:
+    """A registry entry: how to compute a result, and whether it needs calibration inputs.
+
+    ``cache``: results are stored on disk by run key (worth it when compute is slow).
+    """
+
+    compute: Callable[..., QuantResult]
+    needs_calibration: bool = False
+    cache: bool = False
+
+
+def _lazy(module: str, fn: str) -> Callable[..., QuantResult]:
+    def compute(*args, **kwargs):
+        import importlib
+
+        return getattr(importlib.import_module(module), fn)(*args, **kwargs)
+
+    return compute
+
+
+METHODS: dict[str, Method | None] = {
     "none": None,  # the baseline: nothing to compute
-    "rtn": _rtn,
+    "rtn": Method(rtn_model),
+    "gptq": Method(_lazy("quanteval.methods.gptq", "gptq_model"), needs_calibration=True, cache=True),
+    "awq": Method(_lazy("quanteval.methods.awq", "awq_model"), needs_calibration=True, cache=True),
 }

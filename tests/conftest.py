@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny random Llama with its own tokenizer, and synthetic data, all offline."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+WORDS = ("the a of to and in is was for on that with as by at from his her it he she they model "
+         "river city king war game team song album film north south early later first second "
+         "year years time people new old one two three four five six seven eight nine ten").split()
+
+
+def synthetic_text(n_lines: int, seed: int) -> str:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        lines.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))) + " .")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-block random Llama and a small BPE tokenizer saved as a local transformers directory."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny_llama")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator(synthetic_text(400, 1).splitlines(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A data directory with synthetic WikiText-2-shaped files (test and validation)."""
+    d = tmp_path_factory.mktemp("data")
+    (d / "wikitext2").mkdir()
+    (d / "wikitext2" / "test.txt").write_text(synthetic_text(300, 2))
+    (d / "wikitext2" / "valid.txt").write_text(synthetic_text(300, 3))
+    return d
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600, cli: str = "quanteval") -> subprocess.CompletedProcess:
+    """Run the real console script in a subprocess (Hydra and all)."""
+    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    module = {"quanteval": "quanteval.cli", "quanteval-report": "quanteval.report"}[cli]
+    code = f"import sys; sys.argv[0] = {cli!r}; from {module} import main; sys.exit(main())"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=REPO)
