@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 BUILTIN = {"wikitext2": "wikitext2/valid.txt", "gsm8k": "gsm8k/train.jsonl"}
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     """The text of a .txt file, or of a .jsonl file's records (``text``, or question + answer)."""
     if path.suffix != ".jsonl":
         text = path.read_text(encoding="utf-8")
@@ -84,7 +84,7 @@ def calibration_ids(tokenizer, file: Path, n_samples: int, seq_len: int, seed: i
     """``n_samples`` random windows of ``seq_len`` tokens from ``file``: (n_samples, seq_len) int64."""
     if n_samples <= 0:
         raise ValueError(f"calibration n_samples={n_samples}: must be positive")
-    ids = tokenizer(_read_text(file), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(read_text(file), add_special_tokens=False)["input_ids"]
     if len(ids) <= seq_len:
         raise ValueError(f"{file}: {len(ids)} tokens, too short for calibration seq_len={seq_len}")
     rng = random.Random(seed)

@@ -141,6 +141,13 @@ def _check_inputs(cfg: C.RunConfig) -> None:
         root = resolve_data_dir(cfg.data_dir)
         if hasattr(cfg.task, "file"):
             data_file(root, cfg.task.file)
+        from quanteval.methods import METHODS
+
+        if cfg.method.quantizes and METHODS[cfg.method.name].needs_calibration:
+            from quanteval.calibration import calibration_file, read_text
+
+            c = cfg.calibration
+            read_text(calibration_file(c.dataset, c.path, root))  # empty / malformed: one line, now
         if cfg.model.source == "gguf_package":
             from quanteval.models import check_gguf, gguf_path
 

@@ -1,4 +1,4 @@
-"""Tests for quanteval.methods.gptq: the per-layer solver on random data, and the block-by-block driver on tiny models."""
+"""Tests for quanteval.methods.gptq: the per-layer solver on random data, the block-by-block driver on tiny models."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def solve(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, sym: boo
     return g.quantize(w, bits, group_size, sym, **kw)
 
 
-def reference_fasterquant(w, h, bits, group_size, sym, blocksize=128, percdamp=0.01, actorder=False, static_groups=False):
+def reference_fasterquant(w, h, bits, group_size, sym, blocksize=128, percdamp=0.01, actorder=False,
+                          static_groups=False):
     """IST-DASLab/gptq ``fasterquant``, transcribed line by line (quantiser: quanteval's minmax_params)."""
     maxq = 2**bits - 1
 

@@ -14,7 +14,8 @@ from quanteval.results import load
 
 def _args(tiny_model: Path, tiny_data: Path, results: Path, *extra: str) -> list[str]:
     return ["model=hf", f"model.name_or_path={tiny_model}", f"data_dir={tiny_data}", f"results_dir={results}",
-            "preset=smoke", "preset.n_windows=2", "preset.seq_len=64", *extra]
+            "preset=smoke", "preset.n_windows=2", "preset.seq_len=64", "preset.calib_samples=4",
+            "preset.calib_seq_len=64", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +29,14 @@ def swept(tiny_model, tiny_data, tmp_path_factory):
 def test_sweep_writes_one_file_per_run(swept):
     results, proc = swept
     runs = sorted((results / "default" / "runs").glob("*.json"))
-    # the default grid: baseline (once, whatever bits) + rtn at 8, 4, 3, 2
-    assert len(runs) == 5, [r.name for r in runs]
+    # the default grid: baseline (once, whatever bits) + RTN {8,4,3,2} + GPTQ {4,3} + AWQ {4,3}
+    assert len(runs) == 9, [r.name for r in runs]
     df = load(results / "default")
     assert set(df["status"]) == {"ok"}
     assert sorted(df.loc[df.method == "rtn", "bits"].tolist()) == [2, 3, 4, 8]
+    assert sorted(df.loc[df.method == "gptq", "bits"].tolist()) == [3, 4]
+    assert sorted(df.loc[df.method == "awq", "bits"].tolist()) == [3, 4]
+    assert "in this preset's grid" in proc.stderr
     base = df[df.method == "none"].iloc[0]
     assert base.kl_mean == pytest.approx(0.0, abs=1e-6) and base.same_top1 == 1.0
     rtn = df[df.method == "rtn"].set_index("bits")
@@ -69,7 +73,7 @@ def test_resume_after_interruption(tiny_model, tiny_data, swept, tmp_path):
     after = {p.name: p.stat().st_mtime_ns for p in runs.glob("*.json")}
     assert victim.name in after
     assert all(after[name] == mtime for name, mtime in before.items())  # finished runs were not redone
-    assert len(load(results / "default")) == 5
+    assert len(load(results / "default")) == 9
 
 
 def test_rerun_recomputes(tiny_model, tiny_data, swept):

@@ -58,8 +58,10 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- one layer (tensors only)
 
 
-def damped_inverse_cholesky(h: torch.Tensor, damp: float, max_damp: float, name: str) -> tuple[torch.Tensor, float, int]:
-    """Upper Cholesky factor of ``(H + d * mean(diag H) * I)^-1``, the fraction ``d`` used, and how often it rose.
+def damped_inverse_cholesky(
+    h: torch.Tensor, damp: float, max_damp: float, name: str
+) -> tuple[torch.Tensor, float, int]:
+    """Upper Cholesky factor of ``(H + d * mean(diag H) * I)^-1``, the fraction ``d`` used, and the rises.
 
     Starts at ``d = damp`` and multiplies it by 10 (capped at ``max_damp``)
     while either factorisation fails; raises ``ValueError`` naming ``name``
@@ -193,7 +195,7 @@ class GPTQ:
         hinv, frac, rises = damped_inverse_cholesky(H, damp, max_damp, name)  # (in, in) upper
         del H
         codes = torch.zeros_like(W)  # (out, in), working order
-        losses = torch.zeros_like(W)
+        loss = 0.0
         for i1 in range(0, cols, block_size):
             i2 = min(i1 + block_size, cols)
             W1 = W[:, i1:i2].clone()  # (out, b)
@@ -210,13 +212,12 @@ class GPTQ:
                     z = zeros[:, col_group_list[c]]  # (out,)
                     col = W1[:, i]  # (out,)
                     code = quantize_codes(col, s, z, bits)  # (out,)
-                    q = s * (code - z)  # (out,)
                     codes[:, c] = code
-                    d = hinv1[i, i]
-                    err = (col - q) / d  # (out,)
-                    losses[:, c] = (col - q) ** 2 / d**2 / 2
-                    W1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]  # (out, b - i)
-                    err1[:, i] = err
+                    err = err1[:, i]  # (out,) view: written in place
+                    torch.sub(col, s * (code - z), out=err)
+                    err.div_(hinv1[i, i])
+                    W1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)  # (out, b - i): spread the error
+            loss += float((err1**2).sum()) / 2  # the reference's sum((w - q)^2 / Hinv_cc^2) / 2
             W[:, i2:] -= err1 @ hinv[i1:i2, i2:]  # (out, in - i2)
 
         g_idx = torch.empty(cols, dtype=torch.int32, device=W.device)
@@ -232,7 +233,7 @@ class GPTQ:
             zeros=zeros.to(torch.uint8),
             g_idx=g_idx,
         )
-        return lq, {"damp": frac, "damp_rises": rises, "loss": float(losses.sum())}
+        return lq, {"damp": frac, "damp_rises": rises, "loss": loss}
 
 
 # --------------------------------------------------------------------------- the model, block by block
@@ -281,19 +282,27 @@ def gptq_model(model, adapter, spec: QuantSpec, method_cfg: GPTQConfig, calib: B
 
         t0 = time.perf_counter()
         for group in adapter.linears:
-            for lin in group:
-                module = block.get_submodule(lin)
-                name = f"{prefix}.{lin}"
-                lq, stats = hessians[group[0]].quantize(
-                    module.weight, spec.bits, spec.group_size, spec.sym,
-                    block_size=method_cfg.block_size, damp=method_cfg.damp, act_order=method_cfg.act_order,
-                    static_groups=method_cfg.static_groups, max_damp=method_cfg.max_damp, name=name,
-                )
-                module.weight.data.copy_(lq.dequantize(torch.float32).to(module.weight.dtype))
-                layers[name] = _lq_to_cpu(lq)
-                losses[name] = stats["loss"]
-                if stats["damp_rises"]:
-                    rises.append({"layer": name, "damp": stats["damp"]})
+            # Linears that share an input share H, and GPTQ treats rows independently given H,
+            # so one solve over their stacked rows gives each layer exactly its own result.
+            modules = [block.get_submodule(lin) for lin in group]
+            w = torch.cat([m.weight for m in modules])  # (sum of outs, in)
+            lq, stats = hessians[group[0]].quantize(
+                w, spec.bits, spec.group_size, spec.sym,
+                block_size=method_cfg.block_size, damp=method_cfg.damp, act_order=method_cfg.act_order,
+                static_groups=method_cfg.static_groups, max_damp=method_cfg.max_damp,
+                name=f"{prefix}.{'+'.join(group)}",
+            )
+            row = 0
+            for lin, module in zip(group, modules):
+                rows = slice(row, row + module.out_features)
+                row += module.out_features
+                part = LayerQuant(lq.bits, lq.group_size, lq.sym, lq.codes[rows], lq.scales[rows],
+                                  lq.zeros[rows], lq.g_idx)
+                module.weight.data.copy_(part.dequantize(torch.float32).to(module.weight.dtype))
+                layers[f"{prefix}.{lin}"] = _lq_to_cpu(part)
+            losses[f"{prefix}.{'+'.join(group)}"] = stats["loss"]
+            if stats["damp_rises"]:
+                rises.append({"layers": f"{prefix}.{'+'.join(group)}", "damp": stats["damp"]})
         del hessians
         timings["solve_s"] += time.perf_counter() - t0
 
