@@ -94,7 +94,10 @@ class AWQConfig(MethodConfig):
     clip: bool = True  # search per-group weight clipping after scaling
     max_shrink: float = 0.5  # clipping search: shrink the max by up to this fraction
     clip_grid: int = 20  # clipping candidates: int(max_shrink * clip_grid)
-    search_tokens: int = 4096  # calibration tokens the searches use (a subset of the calibration set)
+    # calibration tokens the scale/clip searches use (whole sequences from the calibration set).
+    # 1024 keeps ~99% of AWQ's gain over RTN on SmolLM2 at 1/4 of the cost of 4096 (20 alphas x forwards);
+    # raise it on a GPU (the reference searches on 128 x 512 tokens).
+    search_tokens: int = 1024
 
     def __post_init__(self) -> None:
         _check(self.n_grid > 0, f"method.n_grid={self.n_grid}: must be positive")

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from quanteval.accounting import compression
-from quanteval.methods.rtn import rtn_layer
-from quanteval.primitives import group_index, group_layout
+from quanteval.methods.rtn import rtn_fake_quant, rtn_layer
+from quanteval.primitives import group_index, group_layout, minmax_params, quantize_codes, round_scale_fp16
 
 
 def test_hand_computed_asymmetric_example():
@@ -73,3 +73,79 @@ def test_effective_bits_counts_short_groups_exactly():
     assert c["model_bytes"] == int(4 * (576 * 4 + 5 * 20) / 8 + 1000 * 2)
     sym = compression(4 * 576, {"a": rtn_layer(torch.randn(4, 576), 4, 64, True)})
     assert sym["effective_bits"] == pytest.approx(4 + 16 / 64)  # no zeros stored when symmetric
+
+
+# --------------------------------------------------------------------------- vectorised vs group-by-group
+
+
+def reference_rtn(w, bits, group_size, sym):
+    """The straightforward loop over groups: codes (out, in), scales and zeros (out, n_groups), float32."""
+    out_f, in_f = w.shape
+    g = in_f if group_size == -1 else group_size
+    starts = range(0, in_f, g)
+    codes, scales, zeros = torch.empty(out_f, in_f), torch.empty(out_f, len(starts)), torch.empty(out_f, len(starts))
+    for j, c in enumerate(starts):
+        cols = slice(c, min(c + g, in_f))
+        s, z = minmax_params(w[:, cols], bits, sym)  # (out,), (out,)
+        scales[:, j], zeros[:, j] = s, z
+        codes[:, cols] = quantize_codes(w[:, cols], s[:, None], z[:, None], bits)
+    return codes, scales, zeros
+
+
+SHAPES = [(1, 1), (3, 5), (7, 80), (5, 64), (24, 576), (6, 100)]
+GROUP_SIZES = [-1, 1, 3, 16, 32, 48, 64, 128]
+CASES = [(o, i, gs) for o, i in SHAPES for gs in GROUP_SIZES if i <= 100 or gs >= 16]  # the loop is slow
+
+
+@pytest.mark.parametrize("out_f, in_f, group_size", CASES)
+@pytest.mark.parametrize("sym", [False, True])
+def test_vectorised_matches_group_loop_bit_for_bit(out_f, in_f, group_size, sym):
+    g = torch.Generator().manual_seed(out_f * 1000 + in_f + group_size)
+    w = torch.randn(out_f, in_f, generator=g) * torch.rand(out_f, 1, generator=g) * 3
+    w[0] = 0.0  # an all-zero row: every group of it is dead
+    if out_f > 2:
+        w[1, : min(in_f, 16)] = 0.0  # an all-zero first group (g <= 16) next to live ones
+        w[2] = w[2].abs()  # one-signed rows: min/max clamped to include 0
+    for bits in range(1, 9):
+        q = rtn_layer(w, bits, group_size, sym)
+        codes, scales, zeros = reference_rtn(w, bits, group_size, sym)
+        assert torch.equal(q.codes, codes.to(torch.uint8)), bits
+        assert torch.equal(q.scales, scales.to(torch.float16)), bits
+        assert torch.equal(q.zeros, zeros.to(torch.uint8)), bits
+        assert torch.equal(q.g_idx, group_index(in_f, group_size))
+        assert torch.equal(rtn_fake_quant(w, bits, group_size, sym), q.dequantize()), bits
+
+
+def test_dead_groups_get_unit_range():
+    # an all-zero group: min/max forced to -1/+1, i.e. scale 2 / maxq, zero round(1 / scale); codes = zero
+    w = torch.zeros(3, 10)
+    w[1, 4:8] = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    for sym in (False, True):
+        q = rtn_layer(w, 3, 4, sym)  # groups 4, 4, then a short group of 2
+        codes, scales, zeros = reference_rtn(w, 3, 4, sym)
+        assert q.scales.shape == (3, 3)
+        assert q.scales[0, 0] == q.scales[2, 2] == round_scale_fp16(torch.tensor(2 / 7)).half()
+        assert torch.equal(q.scales.float(), scales) and torch.equal(q.zeros.float(), zeros)
+        assert torch.equal(q.codes.float(), codes)
+        assert (q.dequantize()[[0, 2]] == 0).all() and (q.dequantize()[1, :4] == 0).all()
+
+
+def test_group_larger_than_the_row_is_one_group():
+    w = torch.randn(4, 10)
+    a, b = rtn_layer(w, 4, 64, False), rtn_layer(w, 4, -1, False)
+    assert a.scales.shape == (4, 1) and torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales)
+
+
+def test_outputs_stay_on_the_weights_device():
+    w = torch.empty(4, 10, device="meta")  # shapes and devices only: no data is computed
+    q = rtn_layer(w, 3, 4, False)
+    assert {t.device.type for t in (q.codes, q.scales, q.zeros, q.g_idx)} == {"meta"}
+    assert rtn_fake_quant(w, 3, 4, True).device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_matches_cpu():
+    w = torch.randn(64, 200)
+    cpu, gpu = rtn_layer(w, 3, 64, False), rtn_layer(w.cuda(), 3, 64, False)
+    assert gpu.codes.is_cuda and gpu.scales.is_cuda
+    assert torch.equal(gpu.codes.cpu(), cpu.codes) and torch.equal(gpu.scales.cpu(), cpu.scales)

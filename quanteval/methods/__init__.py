@@ -119,7 +119,8 @@ def rtn_model(model, adapter, spec: QuantSpec, method_cfg=None, calib=None) -> Q
     layers = {}
     for name in quantized_layer_names(model, adapter, spec):
         w = model.get_submodule(name).weight.detach()
-        layers[name] = rtn_layer(w, spec.bits, spec.group_size, spec.sym)
+        lq = rtn_layer(w, spec.bits, spec.group_size, spec.sym)
+        layers[name] = LayerQuant(**{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in lq.to_dict().items()})
     return QuantResult(layers=layers)
 
 

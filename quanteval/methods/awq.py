@@ -19,11 +19,15 @@ auto_scale.py``, ``auto_clip.py``, ``pre_quant.py``), block by block:
    and group gets the max |w| shrink (``1 - i / clip_grid`` for
    ``i < max_shrink * clip_grid``) minimising the MSE of that group's partial
    output ``x_g @ w_g``; weights are clamped to ``[-max_val, max_val]``.
+   All groups of a row batch are searched at once, and the loss is computed
+   as ``d @ sigma @ d`` (``d`` the group's quantisation error, ``sigma`` the
+   group's ``x_g.T @ x_g / tokens``): the same MSE up to float rounding, at
+   ``g`` instead of ``tokens`` multiply-adds per weight.
 3. **Quantise** every linear of the block with RTN (``quanteval.methods.rtn``)
    on the scaled and clipped weights.
 
 Token budget: both searches use the first ``search_tokens`` calibration
-tokens (default 4096), taken as whole sequences (at least one) from the
+tokens (``AWQConfig.search_tokens``), taken as whole sequences (at least one) from the
 captured chunks; the clipping search subsamples those with a stride down to
 about ``CLIP_TOKENS = 512`` tokens (the reference's ``n_sample_token``). The
 reference runs its searches over its whole calibration set instead.
@@ -51,8 +55,8 @@ from tqdm.auto import tqdm
 from quanteval.calibration import BlockInputs, block_forward
 from quanteval.config import AWQConfig
 from quanteval.methods import Fold, QuantResult, QuantSpec, apply_fold, quantized_layer_names
-from quanteval.methods.rtn import rtn_layer
-from quanteval.primitives import LayerQuant, dequantize, minmax_params, quantize_codes
+from quanteval.methods.rtn import quantize_rows, rtn_fake_quant, rtn_layer
+from quanteval.primitives import LayerQuant
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +69,8 @@ NO_CLIP = ("q_proj", "k_proj")  # q/k meet in a bmm, so their clipping error is 
 
 
 def fake_quant(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """RTN quantise-dequantise of ``w: (out, in)`` in float32."""
-    return rtn_layer(w, spec.bits, spec.group_size, spec.sym).dequantize().to(w.device)
+    """RTN quantise-dequantise of ``w: (out, in)`` in float32, on ``w.device``."""
+    return rtn_fake_quant(w, spec.bits, spec.group_size, spec.sym)
 
 
 def group_slices(in_features: int, group_size: int) -> list[slice]:
@@ -96,39 +100,66 @@ def clip_max(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, n_grid: int, max
 
     w: (out, in), x: (tokens, in) -> max_val: (out, n_groups). Candidates are
     ``max|w_g| * (1 - i / n_grid)`` for ``i < int(max_shrink * n_grid)``; the
-    loss is the MSE over tokens of the group's partial output ``x_g @ w_g.T``.
+    loss is the MSE over tokens of the group's partial output ``x_g @ w_g.T``
+    (first strict minimum wins; see ``_clip_groups`` for how it is computed).
+    The full groups are searched together, the short last group (if any) after.
     """
     w, x = w.float(), x.float()
-    slices = group_slices(w.shape[1], spec.group_size)
-    best = torch.empty(w.shape[0], len(slices), device=w.device)  # (out, n_groups)
-    for j, cols in enumerate(slices):
-        xg = x[:, cols]  # (tokens, g)
-        for r in range(0, w.shape[0], OC_BATCH):
-            wg = w[r : r + OC_BATCH, cols]  # (rb, g)
-            org_out = xg @ wg.T  # (tokens, rb)
-            org_max = wg.abs().amax(dim=1)  # (rb,)
-            best_max = org_max.clone()
-            min_err = torch.full_like(org_max, float("inf"))
-            for i in range(int(max_shrink * n_grid)):
-                max_val = org_max * (1 - i / n_grid)  # (rb,)
-                cw = torch.clamp(wg, -max_val[:, None], max_val[:, None])
-                scale, zero = minmax_params(cw, spec.bits, spec.sym)  # (rb,), (rb,)
-                qw = dequantize(quantize_codes(cw, scale[:, None], zero[:, None], spec.bits), scale[:, None], zero[:, None])
-                err = (xg @ qw.T - org_out).pow(2).mean(dim=0)  # (rb,)
-                better = err < min_err
-                min_err = torch.where(better, err, min_err)
-                best_max = torch.where(better, max_val, best_max)
-            best[r : r + OC_BATCH, j] = best_max
+    (out_f, in_f), n_tok = w.shape, x.shape[0]
+    g = in_f if spec.group_size == -1 else spec.group_size
+    n_full, tail = divmod(in_f, g)
+    full = n_full * g
+    parts = []
+    if n_full:
+        wg = w[:, :full].reshape(out_f, n_full, g)  # (out, n, g)
+        xg = x[:, :full].reshape(n_tok, n_full, g).transpose(0, 1).contiguous()  # (n, tokens, g)
+        parts.append(_clip_groups(wg, xg, spec, n_grid, max_shrink))
+    if tail:
+        wt = w[:, full:].unsqueeze(1)  # (out, 1, tail)
+        parts.append(_clip_groups(wt, x[None, :, full:].contiguous(), spec, n_grid, max_shrink))
+    return torch.cat(parts, dim=1)  # (out, n_groups)
+
+
+def _clip_groups(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, n_grid: int, max_shrink: float) -> torch.Tensor:
+    """``clip_max`` for ``n`` groups of equal width ``g``: w: (out, n, g), x: (n, tokens, g) -> max_val: (out, n).
+
+    With ``d`` a row's quantisation error on a group, the loss
+    ``mean_t (x_g[t] . d)^2`` equals ``d @ sigma @ d`` with ``sigma = x_g.T @ x_g / tokens``:
+    that costs ``g`` instead of ``tokens`` multiply-adds per weight, so it is
+    used whenever ``g <= tokens`` (the loss then differs from the partial
+    outputs' MSE by float rounding only).
+    """
+    out_f, n, g = w.shape
+    n_tok = x.shape[1]
+    sigma = torch.bmm(x.transpose(1, 2), x) / n_tok if g <= n_tok else None  # (n, g, g)
+    best = torch.empty(out_f, n, device=w.device)  # (out, n)
+    for r in range(0, out_f, OC_BATCH):
+        wg = w[r : r + OC_BATCH]  # (rb, n, g)
+        rb = wg.shape[0]
+        org_max = wg.abs().amax(dim=2)  # (rb, n)
+        best_max = org_max.clone()
+        min_err = torch.full_like(org_max, float("inf"))
+        for i in range(int(max_shrink * n_grid)):
+            max_val = org_max * (1 - i / n_grid)  # (rb, n)
+            cw = torch.clamp(wg, -max_val[..., None], max_val[..., None])  # (rb, n, g)
+            codes, scale, zero = quantize_rows(cw.view(rb * n, g), spec.bits, spec.sym)  # (rb * n, g), (rb * n, 1) x2
+            d = codes.sub_(zero).mul_(scale).view(rb, n, g).sub_(wg).transpose(0, 1)  # RTN(cw) - w: (n, rb, g)
+            if sigma is not None:
+                err = (torch.bmm(d, sigma) * d).sum(dim=2).T  # (rb, n)
+            else:
+                err = torch.bmm(d, x.transpose(1, 2)).pow(2).mean(dim=2).T  # (n, rb, tokens) -> (rb, n)
+            better = err < min_err
+            min_err = torch.where(better, err, min_err)
+            best_max = torch.where(better, max_val, best_max)
+        best[r : r + rb] = best_max
     return best
 
 
 def clamp_groups(w: torch.Tensor, max_val: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``w: (out, in)`` clamped group by group to ``[-max_val, max_val]`` (max_val: (out, n_groups))."""
-    w = w.float().clone()
-    for j, cols in enumerate(group_slices(w.shape[1], group_size)):
-        m = max_val[:, j : j + 1].to(w.device)  # (out, 1)
-        w[:, cols] = torch.clamp(w[:, cols], -m, m)
-    return w
+    """``w: (out, in)`` clamped group by group to ``[-max_val, max_val]`` (max_val: (out, n_groups)); float32."""
+    g = w.shape[1] if group_size == -1 else group_size
+    m = max_val.to(w.device).repeat_interleave(g, dim=1)[:, : w.shape[1]]  # (out, in): each group's max_val
+    return torch.clamp(w.float(), -m, m)
 
 
 # --------------------------------------------------------------------------- module surgery
@@ -237,7 +268,7 @@ def search_scale(block, group, xs: list[torch.Tensor], calls: list[Call], spec: 
             alpha = k / cfg.n_grid
             s = candidate_scale(x_mean, w_mean, alpha).to(w32[0].device)  # (in,)
             for lin, w in zip(linears, w32):
-                lin.weight.copy_((fake_quant(w * s, spec) / s).to(lin.weight.dtype))
+                lin.weight.copy_(fake_quant(w * s, spec).div_(s))  # RTN(W * s) / s, cast to the weight's dtype
             loss = _mse([_call(inspect, c, x) for c, x in zip(calls, xs)], org_out)
             losses.append(loss)
             if loss < best:
@@ -296,8 +327,8 @@ def awq_block(block, adapter, spec: QuantSpec, cfg: AWQConfig, inputs: list[tupl
     for name in adapter.all_linears:
         w = block.get_submodule(name).weight
         lq = rtn_layer(w.detach(), spec.bits, spec.group_size, spec.sym)
-        w.copy_(lq.dequantize().to(w.device, w.dtype))
-        out.layers[name] = lq
+        w.copy_(lq.dequantize())
+        out.layers[name] = _on_cpu(lq)
     t["quantize"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -305,6 +336,11 @@ def awq_block(block, adapter, spec: QuantSpec, cfg: AWQConfig, inputs: list[tupl
     t["forward"] += time.perf_counter() - t0
     out.timings = dict(t)
     return out
+
+
+def _on_cpu(lq: LayerQuant) -> LayerQuant:
+    """The stored result lives on the CPU, whatever device the block was quantised on."""
+    return LayerQuant(lq.bits, lq.group_size, lq.sym, lq.codes.cpu(), lq.scales.cpu(), lq.zeros.cpu(), lq.g_idx.cpu())
 
 
 def search_subset(hidden: list[torch.Tensor], kwargs: dict, budget: int) -> list[tuple[torch.Tensor, dict]]:
@@ -350,7 +386,8 @@ def awq_model(model, adapter, spec: QuantSpec, method_cfg: AWQConfig, calib: Blo
     blocks = model.get_submodule(adapter.blocks)
     layers: dict[str, LayerQuant] = {}
     folds: list[Fold] = []
-    info: dict = {"alphas": {}, "losses": {}, "skipped": [], "block_mse": [], "search_tokens_budget": method_cfg.search_tokens}
+    info: dict = {"alphas": {}, "losses": {}, "skipped": [], "block_mse": [],
+                  "search_tokens_budget": method_cfg.search_tokens}
     timings: dict[str, float] = defaultdict(float)
     hidden = calib.hidden
     info["search_tokens"] = sum(h.shape[0] * h.shape[1] for h, _ in search_subset(hidden, {}, method_cfg.search_tokens))
@@ -374,7 +411,8 @@ def awq_model(model, adapter, spec: QuantSpec, method_cfg: AWQConfig, calib: Blo
         log.debug("AWQ block %d: alphas %s, block mse %.3g", i, found.alphas, found.block_mse)
     for name in quantized_layer_names(model, adapter, spec):
         if name not in layers:  # embeddings / lm_head: plain RTN
-            layers[name] = rtn_layer(model.get_submodule(name).weight.detach(), spec.bits, spec.group_size, spec.sym)
+            w = model.get_submodule(name).weight.detach()
+            layers[name] = _on_cpu(rtn_layer(w, spec.bits, spec.group_size, spec.sym))
     timings["total"] = time.perf_counter() - t_start
     info["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
     return QuantResult(layers=layers, folds=folds, info=info)
