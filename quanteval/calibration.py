@@ -109,7 +109,7 @@ class BlockInputs:
 
 
 class _Stop(Exception):
-    """Raised by the capture hook to stop the forward pass after the first block's inputs."""
+    """Raised by a capture hook to stop a forward pass once what it needs is recorded."""
 
 
 def _largest_divisor(n: int, at_most: int) -> int:
@@ -144,12 +144,16 @@ def capture_inputs(model, adapter, input_ids: torch.Tensor, batch_size: int = 8)
     def grab_kwargs(i):
         def hook(module, args, kwargs):
             per_block[i] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            if i == len(blocks) - 1:
+                raise _Stop  # the last block's kwargs are in: skip its work and the (batch, L, vocab) logits
 
         return hook
 
     handles = [b.register_forward_pre_hook(grab_kwargs(i), with_kwargs=True) for i, b in enumerate(blocks)]
     try:
         model(input_ids=chunks[0].to(device), use_cache=False)
+    except _Stop:
+        pass
     finally:
         for h in handles:
             h.remove()

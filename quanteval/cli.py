@@ -95,7 +95,8 @@ def _first_line(e: BaseException) -> str:
 def expand_grid(overrides: list[str]) -> tuple[list[list[str]], int, str]:
     """The job overrides the sweep will launch (config's sweeper params, then the command line),
     each composed and validated; how many the preset's grid keeps; and the sweep's ``results_dir``."""
-    from quanteval.sweep import preset_skips
+    from quanteval.results import run_key
+    from quanteval.sweep import preset_skips, run_settings
 
     from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -119,7 +120,7 @@ def expand_grid(overrides: list[str]) -> tuple[list[list[str]], int, str]:
         jobs = BasicSweeper.split_arguments(parsed, None)[0]
         results_dir = str(master.results_dir)
         user_bits = any(o.key_or_group == "bits" for o in parsed_cli)
-        n_run = 0
+        to_run = set()
         for job in jobs:
             try:
                 job_cfg = compose("config", overrides=list(job))
@@ -128,9 +129,10 @@ def expand_grid(overrides: list[str]) -> tuple[list[list[str]], int, str]:
             run_cfg = to_run_config(job_cfg)
             _check_inputs(run_cfg)
             run_cfg.use_preset_grid = not user_bits
-            n_run += preset_skips(run_cfg) is None
+            if preset_skips(run_cfg) is None:
+                to_run.add(run_key(run_settings(run_cfg)))  # the baseline's key ignores bits: counted once
     GlobalHydra.instance().clear()
-    return jobs, n_run, results_dir
+    return jobs, len(to_run), results_dir
 
 
 def _check_inputs(cfg: C.RunConfig) -> None:
@@ -191,7 +193,8 @@ def main() -> None:
         except UsageError as e:
             print(f"quanteval: error: {e}", file=sys.stderr)
             sys.exit(2)
-        print(f"quanteval: {len(jobs)} job(s) validated, {n_run} in this preset's grid", file=sys.stderr)
+        print(f"quanteval: {len(jobs)} job(s) validated: {n_run} distinct run(s) in this preset's grid",
+              file=sys.stderr)
         if any(a.split("=", 1)[0].lstrip("+~") == "bits" for a in args):
             sys.argv.append("use_preset_grid=false")  # the user chose the bits: run exactly those
         if not Path(results_dir).is_absolute():  # jobs on a cluster start in other directories

@@ -33,6 +33,7 @@ import logging
 import os
 import subprocess
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ def run_key(settings: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+@lru_cache(maxsize=1)
 def git_commit() -> str | None:
     """The commit of the source tree quanteval runs from, when it is a git checkout."""
     root = Path(__file__).resolve().parent.parent

@@ -36,7 +36,7 @@ def test_sweep_writes_one_file_per_run(swept):
     assert sorted(df.loc[df.method == "rtn", "bits"].tolist()) == [2, 3, 4, 8]
     assert sorted(df.loc[df.method == "gptq", "bits"].tolist()) == [3, 4]
     assert sorted(df.loc[df.method == "awq", "bits"].tolist()) == [3, 4]
-    assert "in this preset's grid" in proc.stderr
+    assert "9 distinct run(s) in this preset's grid" in proc.stderr
     base = df[df.method == "none"].iloc[0]
     assert base.kl_mean == pytest.approx(0.0, abs=1e-6) and base.same_top1 == 1.0
     rtn = df[df.method == "rtn"].set_index("bits")

@@ -53,6 +53,7 @@ from quanteval.methods.rtn import rtn_layer
 from quanteval.primitives import LayerQuant, minmax_params, quantize_codes
 
 log = logging.getLogger(__name__)
+SPLIT_MIN = 256  # accumulate H by quarter blocks when in_features // 2 is at least this
 
 
 # --------------------------------------------------------------------------- one layer (tensors only)
@@ -121,7 +122,7 @@ class GPTQ:
     def __init__(self, in_features: int, name: str = "") -> None:
         self.in_features = in_features
         self.name = name  # full module path, used in errors and logs
-        self.H: torch.Tensor | None = None  # (in, in) float32, allocated on the first batch's device
+        self._h: torch.Tensor | None = None  # (in, in) float32 accumulator (see ``H``)
         self.n_tokens = 0
 
     @torch.no_grad()
@@ -132,14 +133,35 @@ class GPTQ:
         x = x.reshape(-1, self.in_features).float()  # (tokens, in)
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{self.name or 'layer'}: calibration activations contain NaN or inf")
-        if self.H is None:
-            self.H = torch.zeros(self.in_features, self.in_features, device=x.device)
+        if self._h is None:
+            self._h = torch.zeros(self.in_features, self.in_features, device=x.device)
         n_new = x.shape[0]
         total = self.n_tokens + n_new
-        self.H.mul_(self.n_tokens / total)
+        self._h.mul_(self.n_tokens / total)
         x = x * (2 / total) ** 0.5
-        self.H.addmm_(x.T, x)  # (in, in)
+        a = self.in_features // 2
+        if a >= SPLIT_MIN:
+            # H is symmetric: accumulate 3 of its 4 quarter blocks (25% fewer flops); the lower-left
+            # block is filled in from the upper-right one when H is read.
+            x1, x2 = x[:, :a], x[:, a:]  # (tokens, a), (tokens, in - a)
+            self._h[:a, :a].addmm_(x1.T, x1)
+            self._h[:a, a:].addmm_(x1.T, x2)
+            self._h[a:, a:].addmm_(x2.T, x2)
+        else:
+            self._h.addmm_(x.T, x)  # (in, in)
         self.n_tokens = total
+
+    @property
+    def H(self) -> torch.Tensor | None:
+        """``2 X X^T / n``: (in, in) float32, or None before the first batch."""
+        a = self.in_features // 2
+        if self._h is not None and a >= SPLIT_MIN:
+            self._h[a:, :a] = self._h[:a, a:].T
+        return self._h
+
+    @H.setter
+    def H(self, value: torch.Tensor | None) -> None:  # a full symmetric matrix (tests inject one)
+        self._h = value
 
     @torch.no_grad()
     def quantize(
@@ -239,6 +261,14 @@ class GPTQ:
 # --------------------------------------------------------------------------- the model, block by block
 
 
+class _StopBlock(Exception):
+    """Ends the Hessian pass of a block once the last linear's inputs are recorded."""
+
+
+def _stop_block(module, args):
+    raise _StopBlock
+
+
 def _lq_to_cpu(lq: LayerQuant) -> LayerQuant:
     return LayerQuant(lq.bits, lq.group_size, lq.sym, lq.codes.cpu(), lq.scales.cpu(), lq.zeros.cpu(), lq.g_idx.cpu())
 
@@ -272,9 +302,15 @@ def gptq_model(model, adapter, spec: QuantSpec, method_cfg: GPTQConfig, calib: B
             first = block.get_submodule(group[0])
             hessians[group[0]] = GPTQ(first.in_features, name=f"{prefix}.{group[0]}")
             handles.append(first.register_forward_pre_hook(lambda m, args, h=hessians[group[0]]: h.add_batch(args[0])))
+        # The last group's output is not needed in this pass: stop the block once its inputs are in.
+        handles.append(block.get_submodule(adapter.linears[-1][0]).register_forward_pre_hook(_stop_block))
         t0 = time.perf_counter()
         try:
-            block_forward(block, hidden, calib.kwargs[i])
+            for h in hidden:
+                try:
+                    block(h, **calib.kwargs[i])
+                except _StopBlock:
+                    pass
         finally:
             for handle in handles:
                 handle.remove()
