@@ -53,7 +53,6 @@ from quanteval.methods.rtn import rtn_layer
 from quanteval.primitives import LayerQuant, minmax_params, quantize_codes
 
 log = logging.getLogger(__name__)
-SPLIT_MIN = 256  # accumulate H by quarter blocks when in_features // 2 is at least this
 
 
 # --------------------------------------------------------------------------- one layer (tensors only)
@@ -122,7 +121,7 @@ class GPTQ:
     def __init__(self, in_features: int, name: str = "") -> None:
         self.in_features = in_features
         self.name = name  # full module path, used in errors and logs
-        self._h: torch.Tensor | None = None  # (in, in) float32 accumulator (see ``H``)
+        self.H: torch.Tensor | None = None  # (in, in) float32, allocated on the first batch's device
         self.n_tokens = 0
 
     @torch.no_grad()
@@ -133,35 +132,14 @@ class GPTQ:
         x = x.reshape(-1, self.in_features).float()  # (tokens, in)
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{self.name or 'layer'}: calibration activations contain NaN or inf")
-        if self._h is None:
-            self._h = torch.zeros(self.in_features, self.in_features, device=x.device)
+        if self.H is None:
+            self.H = torch.zeros(self.in_features, self.in_features, device=x.device)
         n_new = x.shape[0]
         total = self.n_tokens + n_new
-        self._h.mul_(self.n_tokens / total)
+        self.H.mul_(self.n_tokens / total)
         x = x * (2 / total) ** 0.5
-        a = self.in_features // 2
-        if a >= SPLIT_MIN:
-            # H is symmetric: accumulate 3 of its 4 quarter blocks (25% fewer flops); the lower-left
-            # block is filled in from the upper-right one when H is read.
-            x1, x2 = x[:, :a], x[:, a:]  # (tokens, a), (tokens, in - a)
-            self._h[:a, :a].addmm_(x1.T, x1)
-            self._h[:a, a:].addmm_(x1.T, x2)
-            self._h[a:, a:].addmm_(x2.T, x2)
-        else:
-            self._h.addmm_(x.T, x)  # (in, in)
+        self.H.addmm_(x.T, x)  # (in, in)
         self.n_tokens = total
-
-    @property
-    def H(self) -> torch.Tensor | None:
-        """``2 X X^T / n``: (in, in) float32, or None before the first batch."""
-        a = self.in_features // 2
-        if self._h is not None and a >= SPLIT_MIN:
-            self._h[a:, :a] = self._h[:a, a:].T
-        return self._h
-
-    @H.setter
-    def H(self, value: torch.Tensor | None) -> None:  # a full symmetric matrix (tests inject one)
-        self._h = value
 
     @torch.no_grad()
     def quantize(
