@@ -22,7 +22,6 @@ Capture
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from quanteval.data import data_file
+from quanteval.data import data_file, read_jsonl_numbered
 
 log = logging.getLogger(__name__)
 
@@ -45,24 +44,15 @@ def read_text(path: Path) -> str:
             raise ValueError(f"{path}: calibration file is empty")
         return text
     parts = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: malformed JSON line ({e.msg})") from e
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{i}: expected a JSON object with a 'text' field")
-            if "text" in rec:
-                parts.append(str(rec["text"]))
-            elif "question" in rec and "answer" in rec:
-                parts.append(f"{rec['question']}\n{rec['answer']}")
-            else:
-                raise ValueError(f"{path}:{i}: no 'text' (or 'question'/'answer') field")
-    if not parts:
-        raise ValueError(f"{path}: calibration file is empty")
+    for i, rec in read_jsonl_numbered(path):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{i}: expected a JSON object with a 'text' field")
+        if "text" in rec:
+            parts.append(str(rec["text"]))
+        elif "question" in rec and "answer" in rec:
+            parts.append(f"{rec['question']}\n{rec['answer']}")
+        else:
+            raise ValueError(f"{path}:{i}: no 'text' (or 'question'/'answer') field")
     return "\n\n".join(parts)
 
 

@@ -66,17 +66,22 @@ def data_file(root: Path, rel: str) -> Path:
     return path
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSONL file; a malformed line raises ValueError naming the file and line."""
+def read_jsonl_numbered(path: Path) -> list[tuple[int, object]]:
+    """(line number, record) of each non-blank line; a malformed line raises ValueError naming file and line."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                rows.append((i, json.loads(line)))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i}: malformed JSON line ({e.msg})") from e
     if not rows:
         raise ValueError(f"{path}: empty dataset")
     return rows
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file (see ``read_jsonl_numbered`` for the errors)."""
+    return [rec for _, rec in read_jsonl_numbered(path)]
