@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 _MODEL: dict = {}  # process-level cache: {"key": ..., "loaded": LoadedModel, "base_state": {...}}
 _CALIB: dict = {}  # process-level cache: {calibration key: BlockInputs}, one entry at a time
 _DONE: set[str] = set()  # run keys finished by this process (rerun=true still computes each once)
+_REFRESHED: set[Path] = set()  # cache files written by this process (rerun=true rewrites each once)
 
 
 @dataclass
@@ -53,6 +54,13 @@ class JobContext:
     data_root: Path
     cache_dir: Path
     model_key: str  # identifies the baseline weights (name + provenance + dtype)
+
+    def needs(self, path: Path) -> bool:
+        """Whether a cache file must be (re)computed: missing, or ``rerun`` and not yet refreshed here."""
+        return not path.exists() or (self.cfg.rerun and path not in _REFRESHED)
+
+    def wrote(self, path: Path) -> None:
+        _REFRESHED.add(path)
 
 
 def sweep_dir(cfg: RunConfig) -> Path:
@@ -129,7 +137,7 @@ def quantize(cfg: RunConfig, ctx: "JobContext"):
     method = METHODS[cfg.method.name]
     key = results.run_key({k: v for k, v in run_settings(cfg).items() if k not in ("task", "preset")})
     path = cache_dir(cfg) / "quant" / f"{cfg.method.name}-{key}.pt"
-    if method.cache and path.exists() and not cfg.rerun:
+    if method.cache and not ctx.needs(path):
         log.info("reusing cached %s result %s", cfg.method.name, path.name)
         return QuantResult.load(path)
     model = ctx.loaded.model
@@ -140,6 +148,7 @@ def quantize(cfg: RunConfig, ctx: "JobContext"):
     result = method.compute(model, adapter, spec, cfg.method, calib)
     if method.cache:
         result.save(path)
+        ctx.wrote(path)
     return result
 
 

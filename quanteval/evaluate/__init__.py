@@ -47,11 +47,12 @@ class WikiText2:
         path = self._baseline_path(ctx)
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
-            if path.exists() and not ctx.cfg.rerun:
+            if not ctx.needs(path):
                 return
             log.info("computing the baseline's WikiText-2 log-probs once: %s", path.name)
             stats = fidelity.baseline_stats(ctx.loaded.model, self._windows(ctx), ctx.cfg.task.top_k)
             stats.save(path)
+            ctx.wrote(path)
 
     def score(self, ctx) -> dict:
         base = fidelity.BaselineStats.load(self._baseline_path(ctx))
