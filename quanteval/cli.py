@@ -25,7 +25,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "method", "task", "preset")
 log = logging.getLogger("quanteval")
 
-_FAILED: list[str] = []  # labels of jobs that failed in this process
+_FAILED: list[str] = []  # 'task variant (error)' of each run that failed in this process
 
 
 def _register() -> None:
@@ -37,6 +37,8 @@ def _register() -> None:
     cs.store(group="method", name="base_gptq", node=C.GPTQConfig)
     cs.store(group="method", name="base_awq", node=C.AWQConfig)
     cs.store(group="task", name="base_wikitext2", node=C.WikiText2Config)
+    cs.store(group="task", name="base_generative", node=C.GenerativeTaskConfig)
+    cs.store(group="task", name="base_lmeval", node=C.LMEvalTaskConfig)
     cs.store(group="preset", name="base_preset", node=C.PresetConfig)
 
 
@@ -169,7 +171,7 @@ class ReportCallback(Callback):
         index = build_report(sweep, thresholds=th)
         print(f"quanteval: report written to {index}")
         if _FAILED:
-            print(f"quanteval: {len(_FAILED)} run(s) failed: {', '.join(_FAILED)}", file=sys.stderr)
+            print(f"quanteval: {len(_FAILED)} run(s) failed: {'; '.join(_FAILED)}", file=sys.stderr)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -179,7 +181,9 @@ def _job(cfg: DictConfig) -> None:
     run_cfg = to_run_config(cfg)
     record = run_job(run_cfg)
     if record["status"] == "failed":
-        _FAILED.append(run_cfg.variant()["label"])
+        label = f"{run_cfg.task.name} {run_cfg.variant()['label']} ({record.get('error')})"
+        if label not in _FAILED:  # the same run reached twice (e.g. the baseline under each bits value)
+            _FAILED.append(label)
 
 
 def main() -> None:

@@ -33,6 +33,9 @@ class ModelConfig:
     name_or_path: Optional[str] = None  # hf: hub id or local directory
     trust_remote_code: bool = False  # off unless the user sets it
     description: str = ""  # provenance note written into results and the report
+    # chat tasks: "chat" applies the tokenizer's chat template (an error when the model has none);
+    # "plain" uses the documented fallback "Question: <text>\nAnswer:" (base models, e.g. gemma3_270m)
+    prompt_format: str = "chat"
 
     def __post_init__(self) -> None:
         _check(self.source in ("gguf_package", "hf"), f"model.source={self.source!r}: must be gguf_package or hf")
@@ -41,6 +44,7 @@ class ModelConfig:
             _check(self.assemble or bool(self.gguf_file), "model.gguf_file: required unless model.assemble=true")
         else:
             _check(bool(self.name_or_path), "model.name_or_path: required for model=hf (a hub id or local dir)")
+        _check(self.prompt_format in ("chat", "plain"), f"model.prompt_format={self.prompt_format!r}: must be chat or plain")
 
 
 @dataclass
@@ -108,9 +112,10 @@ class AWQConfig(MethodConfig):
 
 @dataclass
 class TaskConfig:
-    """Base of every task's settings."""
+    """Base of every task's settings. ``kind`` picks the evaluator (``quanteval.evaluate.get_task``)."""
 
     name: str = "wikitext2"
+    kind: str = "wikitext2"  # wikitext2 | generative | lmeval
 
 
 @dataclass
@@ -118,11 +123,52 @@ class WikiText2Config(TaskConfig):
     """Language-model fidelity on WikiText-2 test windows."""
 
     name: str = "wikitext2"
+    kind: str = "wikitext2"
     file: str = "wikitext2/test.txt"  # relative to data_dir
     top_k: int = 64  # baseline log-probs kept per position (+ tail mass); KL is then a lower bound
 
     def __post_init__(self) -> None:
         _check(self.top_k >= 1, f"task.top_k={self.top_k}: must be >= 1")
+
+
+GENERATIVE_TASKS = ("ifeval", "mt_bench", "dialogsum", "gsm8k", "arith_chain", "humaneval")
+
+
+@dataclass
+class GenerativeTaskConfig(TaskConfig):
+    """A generative task defined by ``tasks/<name>.yaml`` (see ``quanteval.evaluate.generative``)."""
+
+    name: str = "gsm8k"
+    kind: str = "generative"
+    limit: Optional[int] = None  # items scored (arith_chain: per number of steps); default preset.limits
+    max_new_tokens: Optional[int] = None  # token cap; default preset.max_new_tokens, then the YAML's
+    options: dict[str, Any] = field(default_factory=dict)  # passed to the task's loader (arith_chain: seed, k_min, k_max)
+
+    def __post_init__(self) -> None:
+        _check(self.name in GENERATIVE_TASKS, f"task.name={self.name!r}: must be one of {', '.join(GENERATIVE_TASKS)}")
+        _check(self.limit is None or (isinstance(self.limit, int) and self.limit > 0),
+               f"task.limit={self.limit}: must be a positive number of items")
+        _check(self.max_new_tokens is None or self.max_new_tokens > 0,
+               f"task.max_new_tokens={self.max_new_tokens}: must be positive")
+
+
+@dataclass
+class LMEvalTaskConfig(TaskConfig):
+    """Any lm-eval task, run on each variant through ``HFLM(pretrained=model)``."""
+
+    name: str = ""  # the lm-eval registry name (e.g. hellaswag), or a task in include_path
+    kind: str = "lmeval"
+    include_path: Optional[str] = None  # a folder of extra lm-eval YAML tasks (e.g. with local data)
+    limit: Optional[int] = None  # items; default preset.limits.lmeval
+    num_fewshot: Optional[int] = None
+    apply_chat_template: bool = False
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "task.name: required for task=lmeval (an lm-eval task name)")
+        _check(self.limit is None or (isinstance(self.limit, int) and self.limit > 0),
+               f"task.limit={self.limit}: must be a positive number of items")
+        _check(self.batch_size > 0, f"task.batch_size={self.batch_size}: must be positive")
 
 
 @dataclass
@@ -137,8 +183,15 @@ class PresetConfig:
     # bits each method runs at in the default grid; unlisted methods run at every width.
     # Ignored when the command line sets `bits`.
     method_bits: dict[str, list[int]] = field(default_factory=dict)
+    limits: dict[str, int] = field(default_factory=dict)  # items per generative task (arith_chain: per k)
+    max_new_tokens: dict[str, int] = field(default_factory=dict)  # token cap per generative task
+    gen_batch_size: int = 16  # sequences generated together
 
     def __post_init__(self) -> None:
+        for group in ("limits", "max_new_tokens"):
+            for k, v in getattr(self, group).items():
+                _check(isinstance(v, int) and v > 0, f"preset.{group}.{k}={v}: must be a positive integer")
+        _check(self.gen_batch_size > 0, f"preset.gen_batch_size={self.gen_batch_size}: must be positive")
         for k in ("n_windows", "seq_len", "calib_samples", "calib_seq_len"):
             v = getattr(self, k)
             _check(isinstance(v, int) and v > 0, f"preset.{k}={v}: must be a positive integer")
@@ -193,6 +246,12 @@ class RunConfig:
     sweep_name: str = "default"  # never a timestamp: resume finds runs by it
     rerun: bool = False  # recompute runs whose result exists
     use_preset_grid: bool = True  # apply preset.method_bits (the CLI sets false when `bits` is overridden)
+    # generative tasks are skipped (recorded as collapsed) for a variant whose WikiText-2 mean KL to the
+    # baseline exceeds this: it generates garbage to the token cap. force_generate=true runs them anyway.
+    collapse_kl: float = 2.0
+    force_generate: bool = False
+    sandbox: str = "bwrap"  # generated code runs in bubblewrap; "none" is an explicit, unsafe opt-out
+    judge: Optional[str] = None  # optional judge for open-ended answers (quanteval.evaluate.generative.JUDGES)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.group_size, int), f"group_size={self.group_size!r}: must be an integer")
@@ -210,6 +269,8 @@ class RunConfig:
         _check(self.dtype in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
                f"dtype={self.dtype!r}: must be auto, float32, bfloat16 or float16")
         _check(bool(self.sweep_name) and "/" not in self.sweep_name, f"sweep_name={self.sweep_name!r}: must be a plain name")
+        _check(self.collapse_kl > 0, f"collapse_kl={self.collapse_kl}: must be positive")
+        _check(self.sandbox in ("bwrap", "none"), f"sandbox={self.sandbox!r}: must be bwrap or none (unsafe)")
 
     def variant(self) -> dict:
         """The quantisation variant of this job; the baseline carries no bits/group/sym."""

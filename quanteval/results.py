@@ -94,9 +94,9 @@ def read_run(path: Path) -> dict:
 
 
 def completed(path: Path) -> bool:
-    """True when ``path`` holds a finished, successful run."""
+    """True when ``path`` holds a finished run: successful, or skipped as collapsed (nothing to redo)."""
     try:
-        return read_run(path).get("status") == "ok"
+        return read_run(path).get("status") in ("ok", "collapsed")
     except (ValueError, FileNotFoundError):
         return False
 
@@ -125,6 +125,9 @@ def _flat_row(rec: dict) -> dict:
         "effective_bits": c.get("effective_bits"),
         "model_bytes": c.get("model_bytes"),
         "error": rec.get("error"),
+        "reason": rec.get("reason"),
+        "primary_metric": rec.get("primary_metric"),
+        "unsafe": rec.get("unsafe"),
     }
     row.update(rec.get("metrics", {}))
     return row

@@ -82,7 +82,7 @@ def run_settings(cfg: RunConfig) -> dict:
         **_model_key(cfg),
         "variant": cfg.variant(),
         "task": dataclasses.asdict(cfg.task),
-        "preset": dataclasses.asdict(cfg.preset),
+        "preset": _preset_settings(cfg),
         "quanteval": quanteval.__version__,
         "git": results.git_commit(),
     }
@@ -92,6 +92,17 @@ def run_settings(cfg: RunConfig) -> dict:
         if METHODS[cfg.method.name].needs_calibration:
             settings["calibration"] = calibration_settings(cfg)
     return settings
+
+
+def _preset_settings(cfg: RunConfig) -> dict:
+    """The preset's fields that change this task's result (so resizing one task keeps the others' runs)."""
+    p, kind, name = cfg.preset, cfg.task.kind, cfg.task.name
+    if kind == "wikitext2":
+        return {"n_windows": p.n_windows, "seq_len": p.seq_len}
+    if kind == "lmeval":
+        return {"limit": p.limits.get("lmeval")}
+    return {"limit": p.limits.get(name), "max_new_tokens": p.max_new_tokens.get(name),
+            "gen_batch_size": p.gen_batch_size, "sandbox": cfg.sandbox, "judge": cfg.judge}
 
 
 def preset_skips(cfg: RunConfig) -> str | None:
@@ -185,9 +196,35 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def items_path(run_file: Path) -> Path:
+    """Per-item records of a run, beside its run file (JSONL)."""
+    return run_file.with_name(run_file.stem + ".items.jsonl")
+
+
+def fidelity_kl(cfg: RunConfig) -> tuple[float | None, Path]:
+    """This variant's WikiText-2 mean KL to the baseline, from its run in this sweep (run first if missing)."""
+    from quanteval.config import WikiText2Config
+
+    wt = dataclasses.replace(cfg, task=WikiText2Config())
+    path = run_path(wt, results.run_key(run_settings(wt)))
+    rec = results.read_run(path) if results.completed(path) else run_job(wt)
+    return (rec.get("metrics") or {}).get("kl_mean") if rec.get("status") == "ok" else None, path
+
+
+def collapse_reason(cfg: RunConfig, task) -> str | None:
+    """Why this job's generation is skipped (the variant collapsed), or None."""
+    if not getattr(task, "generative", False) or not cfg.method.quantizes or cfg.force_generate:
+        return None
+    kl, path = fidelity_kl(cfg)
+    if kl is None or kl <= cfg.collapse_kl:
+        return None
+    return (f"collapsed on language-model fidelity: WikiText-2 mean KL {kl:.3g} > collapse_kl={cfg.collapse_kl:g} "
+            f"({path.name}); generation skipped, force_generate=true runs it")
+
+
 def run_job(cfg: RunConfig) -> dict:
     """Run (or skip, when done) one job; returns its run record."""
-    from quanteval.evaluate import TASKS
+    from quanteval.evaluate import get_task
 
     settings = run_settings(cfg)
     key = results.run_key(settings)
@@ -196,22 +233,36 @@ def run_job(cfg: RunConfig) -> dict:
         "run_key": key, "sweep_name": cfg.sweep_name, "task": cfg.task.name,
         "variant": cfg.variant(), "config": dataclasses.asdict(cfg), "settings": settings,
     }
-    if (not cfg.rerun or key in _DONE) and results.completed(path):
-        log.info("done already, skipping: %s", path.name)
+    if key in _DONE and path.exists():  # reached again in this process (e.g. the baseline under each bits value)
         return results.read_run(path)
+    if not cfg.rerun and results.completed(path):
+        done = results.read_run(path)
+        if not (done["status"] == "collapsed" and cfg.force_generate):
+            log.info("done already, skipping: %s", path.name)
+            return done
     skip = preset_skips(cfg)
     if skip:
         log.info("%s: %s", cfg.variant()["label"], skip)
         return {"status": "skipped", "reason": skip}
     timings: dict[str, float] = {}
+    items = None
     try:
+        task = get_task(cfg.task)
+        collapsed = collapse_reason(cfg, task)
+        if collapsed:
+            log.info("%s %s: %s", cfg.task.name, cfg.variant()["label"], collapsed)
+            record = {**base_record, "status": "collapsed", "reason": collapsed, "metrics": {},
+                      "model": {"name": cfg.model.name},
+                      "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            results.write_run(path, record)
+            _DONE.add(key)
+            return record
         t0 = time.perf_counter()
         loaded, model_key = get_model(cfg)
         timings["load_s"] = time.perf_counter() - t0
         model = loaded.model
         device = next(model.parameters()).device
         ctx = JobContext(cfg, loaded, resolve_data_dir(cfg.data_dir), cache_dir(cfg), model_key)
-        task = TASKS[cfg.task.name]
         t0 = time.perf_counter()
         task.baseline(ctx)  # computed once, cached on disk; needs the baseline weights
         timings["baseline_s"] = time.perf_counter() - t0
@@ -229,6 +280,10 @@ def run_job(cfg: RunConfig) -> dict:
         metrics = task.score(ctx)
         timings["eval_s"] = time.perf_counter() - t0
         per_window = metrics.pop("per_window", None)
+        items = metrics.pop("items", None)
+        extra = {k: metrics.pop(k) for k in ("breakdown", "primary_metric", "sandbox") if k in metrics}
+        if extra.get("sandbox") == "none":
+            extra["unsafe"] = "generated code ran without the sandbox (sandbox=none)"
         record = {
             **base_record,
             "status": "ok",
@@ -236,6 +291,7 @@ def run_job(cfg: RunConfig) -> dict:
                       **loaded.provenance},
             "metrics": metrics,
             "per_window": per_window,
+            **extra,
             "compression": compression(param_count, layers),
             "quantization": quant_info,
             "timings": timings,
@@ -251,6 +307,11 @@ def run_job(cfg: RunConfig) -> dict:
         record = {**base_record, "status": "failed", "error": line, "timings": timings,
                   "model": {"name": cfg.model.name},
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if items is not None:  # the items first: a run file with status ok always has its items beside it
+        from quanteval.evaluate.generative import write_items
+
+        write_items(items_path(path), items)
+        record["items_file"] = items_path(path).name
     results.write_run(path, record)
     _DONE.add(key)
     if record["status"] == "ok":
@@ -263,6 +324,6 @@ def _provenance_line(p: dict) -> str:
 
 
 def _summary(m: dict) -> str:
-    keys = [k for k in ("ppl", "kl_mean", "same_top1") if k in m]
+    keys = [k for k in ("ppl", "kl_mean", "same_top1", "primary", "tf_kl_mean", "flip_rate") if k in m]
     return " ".join(f"{k}={m[k]:.4g}" for k in keys)
 

@@ -16,6 +16,12 @@ WORDS = ("the a of to and in is was for on that with as by at from his her it he
          "year years time people new old one two three four five six seven eight nine ten").split()
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+SHARED_DATA = REPO.parent / "shared" / "data"
+GENERATIVE_FILES = ("gsm8k/test.jsonl", "dialogsum/test.jsonl", "ifeval/input_data.jsonl", "mt_bench/question.jsonl")
+
+
 def synthetic_text(n_lines: int, seed: int) -> str:
     rng = random.Random(seed)
     lines = []
@@ -38,6 +44,7 @@ def tiny_model(tmp_path_factory) -> Path:
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
     tok.train_from_iterator(synthetic_text(400, 1).splitlines(), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(d)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -54,6 +61,11 @@ def tiny_data(tmp_path_factory) -> Path:
     (d / "wikitext2").mkdir()
     (d / "wikitext2" / "test.txt").write_text(synthetic_text(300, 2))
     (d / "wikitext2" / "valid.txt").write_text(synthetic_text(300, 3))
+    for rel in GENERATIVE_FILES:  # the first rows of the real sets (read from ../shared/data, never copied into the repo)
+        src = SHARED_DATA / rel
+        if src.exists():
+            (d / rel).parent.mkdir(exist_ok=True)
+            (d / rel).write_text("".join(src.read_text(encoding="utf-8").splitlines(keepends=True)[:12]), encoding="utf-8")
     return d
 
 

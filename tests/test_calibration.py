@@ -74,7 +74,7 @@ def test_short_calibration_fails_that_run_only(tiny_model, tiny_data, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("the river .\n")
     proc = run_cli("model=hf", f"model.name_or_path={tiny_model}", f"data_dir={tiny_data}", f"results_dir={tmp_path}",
-                   "preset=smoke", "preset.n_windows=2", "preset.seq_len=64", "method=rtn,gptq", "bits=4",
+                   "preset=smoke", "preset.n_windows=2", "preset.seq_len=64", "method=rtn,gptq", "bits=4", "task=wikitext2",
                    f"calibration.path={short}")
     assert proc.returncode == 1
     from quanteval.results import load
@@ -82,4 +82,4 @@ def test_short_calibration_fails_that_run_only(tiny_model, tiny_data, tmp_path):
     df = load(tmp_path / "default").set_index("method")
     assert df.loc["rtn", "status"] == "ok"  # the completed run is kept
     assert df.loc["gptq", "status"] == "failed" and "too short for calibration" in df.loc["gptq", "error"]
-    assert "1 run(s) failed: gptq w4 g64" in proc.stderr
+    assert "1 run(s) failed: wikitext2 gptq w4 g64 (" in proc.stderr

@@ -15,7 +15,7 @@ from quanteval.results import load
 def _args(tiny_model: Path, tiny_data: Path, results: Path, *extra: str) -> list[str]:
     return ["model=hf", f"model.name_or_path={tiny_model}", f"data_dir={tiny_data}", f"results_dir={results}",
             "preset=smoke", "preset.n_windows=2", "preset.seq_len=64", "preset.calib_samples=4",
-            "preset.calib_seq_len=64", *extra]
+            "preset.calib_seq_len=64", "task=wikitext2", *extra]
 
 
 @pytest.fixture(scope="module")

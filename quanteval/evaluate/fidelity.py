@@ -84,23 +84,48 @@ def _tail_logp(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(rest, dim=1)
 
 
+def _base_positions(logits: torch.Tensor, target: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
+    """The baseline's top-k log-probs, their ids, tail mass and true-token log-prob at each position."""
+    cols = {k: [] for k in ("topk_logp", "topk_idx", "tail_logp", "true_logp")}
+    for s in range(0, logits.shape[0], CHUNK):
+        logp = torch.log_softmax(logits[s : s + CHUNK], dim=-1)  # (c, V)
+        vals, idx = logp.topk(top_k, dim=-1)  # (c, k)
+        cols["topk_logp"].append(vals)
+        cols["topk_idx"].append(idx.int())
+        cols["tail_logp"].append(_tail_logp(logp, idx))
+        cols["true_logp"].append(logp.gather(1, target[s : s + CHUNK, None])[:, 0])
+    return {k: torch.cat(v).cpu() for k, v in cols.items()}
+
+
+def _compare_positions(logits: torch.Tensor, target: torch.Tensor, base: dict[str, torch.Tensor]) -> dict:
+    """Per position: KL(base || model) over the top-k + tail buckets, NLL, same top token, delta-p."""
+    out = {k: [] for k in ("kl", "nll", "same", "dp")}
+    for s in range(0, logits.shape[0], CHUNK):
+        e = min(s + CHUNK, logits.shape[0])
+        logq = torch.log_softmax(logits[s:e], dim=-1)  # (c, V)
+        idx = base["topk_idx"][s:e].long().to(logq.device)  # (c, k)
+        p_logp = base["topk_logp"][s:e].to(logq.device)  # (c, k)
+        p_tail = base["tail_logp"][s:e].to(logq.device)  # (c,)
+        q_logp = logq.gather(1, idx)  # (c, k)
+        q_tail = _tail_logp(logq, idx)  # (c,)
+        kl = (p_logp.exp() * (p_logp - q_logp)).sum(1) + p_tail.exp() * (p_tail - q_tail)
+        out["kl"].append(kl.clamp(min=0).cpu())
+        q_true = logq.gather(1, target[s:e, None])[:, 0]
+        out["nll"].append(-q_true.cpu())
+        out["same"].append((logq.argmax(1) == idx[:, 0]).cpu())
+        out["dp"].append((q_true.exp() - base["true_logp"][s:e].to(q_true.device).exp()).cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
 @torch.no_grad()
 def baseline_stats(model, windows: torch.Tensor, top_k: int) -> BaselineStats:
     """Run the baseline over ``windows`` and keep its top-k + tail + true-token log-probs."""
     parts = {k: [] for k in ("topk_logp", "topk_idx", "tail_logp", "true_logp")}
     for w in tqdm(windows, desc="baseline windows", leave=False):
         logits = _logits(model, w)  # (P, V)
-        target = w[1:].to(logits.device)  # (P,)
-        cols = {k: [] for k in parts}
-        for s in range(0, logits.shape[0], CHUNK):
-            logp = torch.log_softmax(logits[s : s + CHUNK], dim=-1)  # (c, V)
-            vals, idx = logp.topk(top_k, dim=-1)  # (c, k)
-            cols["topk_logp"].append(vals)
-            cols["topk_idx"].append(idx.int())
-            cols["tail_logp"].append(_tail_logp(logp, idx))
-            cols["true_logp"].append(logp.gather(1, target[s : s + CHUNK, None])[:, 0])
+        cols = _base_positions(logits, w[1:].to(logits.device), top_k)
         for k in parts:
-            parts[k].append(torch.cat(cols[k]).cpu())
+            parts[k].append(cols[k])
     return BaselineStats(**{k: torch.stack(v) for k, v in parts.items()})
 
 
@@ -110,21 +135,11 @@ def compare(model, windows: torch.Tensor, base: BaselineStats) -> dict:
     kl_all, nll_all, same_all, dp_all = [], [], [], []
     for n, w in enumerate(tqdm(windows, desc="eval windows", leave=False)):
         logits = _logits(model, w)  # (P, V)
-        target = w[1:].to(logits.device)
-        for s in range(0, logits.shape[0], CHUNK):
-            e = min(s + CHUNK, logits.shape[0])
-            logq = torch.log_softmax(logits[s:e], dim=-1)  # (c, V)
-            idx = base.topk_idx[n, s:e].long().to(logq.device)  # (c, k)
-            p_logp = base.topk_logp[n, s:e].to(logq.device)  # (c, k)
-            p_tail = base.tail_logp[n, s:e].to(logq.device)  # (c,)
-            q_logp = logq.gather(1, idx)  # (c, k)
-            q_tail = _tail_logp(logq, idx)  # (c,)
-            kl = (p_logp.exp() * (p_logp - q_logp)).sum(1) + p_tail.exp() * (p_tail - q_tail)
-            kl_all.append(kl.clamp(min=0).cpu())
-            q_true = logq.gather(1, target[s:e, None])[:, 0]
-            nll_all.append(-q_true.cpu())
-            same_all.append((logq.argmax(1) == idx[:, 0]).cpu())
-            dp_all.append((q_true.exp() - base.true_logp[n, s:e].to(q_true.device).exp()).cpu())
+        cols = _compare_positions(logits, w[1:].to(logits.device), {k: v[n] for k, v in base.__dict__.items()})
+        kl_all.append(cols["kl"])
+        nll_all.append(cols["nll"])
+        same_all.append(cols["same"])
+        dp_all.append(cols["dp"])
     kl = torch.cat(kl_all).double()
     nll = torch.cat(nll_all).double()
     n_win, per = windows.shape[0], windows.shape[1] - 1
@@ -145,3 +160,38 @@ def compare(model, windows: torch.Tensor, base: BaselineStats) -> dict:
             "kl_mean": kl.view(n_win, per).mean(1).tolist(),
         },
     }
+
+
+# Teacher-forced fidelity on texts (generative tasks): a sequence is (token ids, start), and the
+# positions scored are the tokens from ``start`` on (the reference answer after its prompt).
+
+def _sequence_logits(model, ids: list[int], start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits predicting tokens start..L-1, and those tokens; only the needed positions reach lm_head."""
+    device = next(model.parameters()).device
+    x = torch.tensor(ids, dtype=torch.long, device=device)[None]
+    n = len(ids) - start  # positions scored
+    out = model(input_ids=x, use_cache=False, logits_to_keep=n + 1)
+    return out.logits[0, :-1].float(), x[0, start:]
+
+
+@torch.no_grad()
+def sequence_baseline(model, seqs: list[tuple[list[int], int]], top_k: int) -> list[dict[str, torch.Tensor]]:
+    """The baseline's top-k statistics on each sequence's scored positions."""
+    out = []
+    for ids, start in tqdm(seqs, desc="baseline teacher-forced", leave=False):
+        logits, target = _sequence_logits(model, ids, start)
+        out.append(_base_positions(logits, target, top_k))
+    return out
+
+
+@torch.no_grad()
+def sequence_compare(model, seqs: list[tuple[list[int], int]], base: list[dict[str, torch.Tensor]]) -> list[dict]:
+    """Per sequence: mean NLL, mean KL to the baseline, same-top-token rate, and KL at each position."""
+    out = []
+    for (ids, start), b in zip(tqdm(seqs, desc="teacher-forced", leave=False), base):
+        logits, target = _sequence_logits(model, ids, start)
+        c = _compare_positions(logits, target, b)
+        out.append({"n_tokens": int(c["kl"].numel()), "nll_mean": float(c["nll"].double().mean()),
+                    "kl_mean": float(c["kl"].double().mean()), "top1": float(c["same"].double().mean()),
+                    "kl_pos": [round(float(v), 5) for v in c["kl"]]})
+    return out

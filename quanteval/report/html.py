@@ -56,6 +56,10 @@ COLUMNS = [
     ("kl_p99", "KL p99", "{:.4g}"),
     ("same_top1", "same top-1", "{:.3f}"),
     ("delta_p_mean", "Δp mean", "{:+.4f}"),
+    ("primary", "task score", "{:.3f}"),
+    ("tf_kl_mean", "teacher-forced KL", "{:.4g}"),
+    ("flip_rate", "flip rate", "{:.3f}"),
+    ("same_output", "same answer", "{:.3f}"),
 ]
 
 
@@ -100,11 +104,16 @@ def verdict(kl_mean: float | None, thresholds: Thresholds | None = None) -> str:
 
 
 def _row_verdict(row: pd.Series, thresholds: Thresholds) -> str:
+    if row.get("status") == "collapsed":  # generation skipped by the collapse short-circuit
+        return "collapses"
     if row.get("status") != "ok":
         return "failed"
     if row.get("method") == "none":
         return "baseline"
-    return verdict(row.get("kl_mean"), thresholds)
+    kl = row.get("kl_mean")
+    if kl is None or pd.isna(kl):  # generative tasks: teacher-forced KL on their texts
+        kl = row.get("tf_kl_mean")
+    return verdict(kl, thresholds)
 
 
 def _read_sweep(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, str], list[tuple[Path, str]]]:
@@ -128,7 +137,7 @@ def _read_sweep(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, str], list[tup
     if unreadable:
         log.warning("%d unreadable run file(s) under %s", len(unreadable), sweep_dir)
     df = results.load(sweep_dir)
-    for col in ["run_key", "status", "error", "model_bytes", *(c for c, _, _ in COLUMNS)]:
+    for col in ["run_key", "status", "error", "reason", "unsafe", "model_bytes", *(c for c, _, _ in COLUMNS)]:
         if col not in df:
             df[col] = None  # e.g. no readable run measured kl_p99
     df["model_mb"] = pd.to_numeric(df["model_bytes"], errors="coerce") / 1e6
@@ -155,6 +164,10 @@ def _table(df: pd.DataFrame, thresholds: Thresholds) -> str:
         status = html.escape(str(row["status"]))
         if v == "failed":
             status += f": <span class=error>{_cell(row['error'], '{}')}</span>"
+        elif row["status"] == "collapsed":
+            status += f": {_cell(row.get('reason'), '{}')}"
+        if isinstance(row.get("unsafe"), str):
+            status += " <b>(unsafe: no sandbox)</b>"
         cells = "".join(f"<td>{_cell(row[c], fmt)}</td>" for c, _, fmt in COLUMNS)
         key = html.escape(str(row["run_key"]), quote=True)
         rows.append(f'<tr class="v-{v}" data-run-key="{key}">{cells}<td>{v}</td><td>{status}</td></tr>')

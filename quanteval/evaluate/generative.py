@@ -1,0 +1,439 @@
+"""The generative tasks (chat, summarization, math, code): generate, score, compare with the baseline.
+
+A task is defined once, as an lm-eval YAML file in ``tasks/`` (the installed package
+``quanteval_tasks``): data loader, prompt, stop strings, token cap, filters and metrics. quanteval
+loads it through lm-eval's own ``TaskManager`` and scores each answer with lm-eval's own filters and
+``process_results``, so a score here is the score lm-eval would give the same text. What quanteval
+adds is its generation engine (``quanteval.generate``) and the comparison with the unquantised model.
+
+The YAML's ``metadata.quanteval`` block (ignored by lm-eval) says:
+
+- ``chat``: apply the model's chat template to ``doc_to_text`` (a model without one fails with a
+  one-line error unless ``model.prompt_format=plain``, which uses ``PLAIN_PROMPT``);
+- ``primary``: the headline metric (``metric`` or ``metric,filter``);
+- ``binary``: the primary metric is 0/1 per item, so flips and McNemar's test apply;
+- ``teacher_forced``: ``reference`` (the YAML's ``doc_to_target``) or ``baseline`` (the baseline's
+  own answer): the text on which the variant's token KL and top-1 agreement are measured;
+- ``tags``: doc fields copied into each per-item record (e.g. ``k``, ``n_steps``) for breakdowns.
+
+Per variant, a run reports the task's metrics, and against the baseline:
+
+- flips (binary tasks): correct -> wrong (``flips_lost``), wrong -> correct (``flips_gained``), and
+  the exact two-sided McNemar p-value on those discordant pairs;
+- ``same_output``: the share of items whose answer is identical to the baseline's, and
+  ``rougeL_vs_base``: ROUGE-L F1 between the two answers;
+- teacher-forced fidelity: token KL(base || variant) and same-top-token rate on the texts above
+  (``tf_kl_mean`` is per token, pooled over items; ``kl_pos`` per item keeps every position).
+
+The baseline's generations, scores and top-k log-probs are computed once per (model, task
+settings) and cached on disk; the baseline run itself reuses them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+from quanteval import results
+
+log = logging.getLogger(__name__)
+
+PLAIN_PROMPT = "Question: {text}\nAnswer:"  # model.prompt_format=plain, for models without a chat template
+PLAIN_STOP = ["\nQuestion:"]
+TOP_K = 64  # baseline log-probs kept per teacher-forced position (as on WikiText-2)
+
+# Optional judges for open-ended answers: name -> fn(doc, answer, baseline_answer) -> score in [0, 1].
+# None ship (no judge model is reachable here); register one and set ``judge=<name>``.
+JUDGES: dict[str, Callable[[dict, str, str], float]] = {}
+
+
+@dataclass
+class TaskSpec:
+    """A loaded task: its lm-eval task object, docs (already limited), and quanteval settings."""
+
+    name: str
+    lm_task: Any
+    module: Any
+    docs: list[dict]
+    until: list[str]
+    max_new_tokens: int
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def primary(self) -> str:
+        return self.meta["primary"]
+
+
+def lmeval_name(name: str) -> str:
+    return f"quanteval_{name}"
+
+
+@lru_cache(maxsize=16)
+def _load_lm_task(name: str, data_root: str, options: tuple):
+    from lm_eval.tasks import TaskManager
+
+    from quanteval_tasks import TASK_DIR
+
+    tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False,
+                     metadata={"data_dir": data_root, **dict(options)})
+    loaded = tm.load([lmeval_name(name)])["tasks"]
+    return next(iter(loaded.values()))
+
+
+def load_spec(name: str, data_root: Path, limit: int, max_new_tokens: int | None, options: dict) -> TaskSpec:
+    """The task ``name`` from ``tasks/<name>.yaml`` with at most ``limit`` docs (0 or less is an error)."""
+    if limit is None or limit < 1:
+        raise ValueError(f"task {name}: limit={limit}: must be a positive number of items")
+    opts = dict(options)
+    if name == "arith_chain":  # limit counts items per number of steps
+        opts["per_k"] = limit
+    task = _load_lm_task(name, str(data_root), tuple(sorted(opts.items())))
+    module = importlib.import_module(f"quanteval_tasks.{name}")
+    meta = dict((task.config.metadata or {}).get("quanteval") or {})
+    for k in ("chat", "primary", "binary", "teacher_forced"):
+        if k not in meta:
+            raise ValueError(f"tasks/{name}.yaml: metadata.quanteval.{k} is missing")
+    if meta["teacher_forced"] not in ("reference", "baseline"):
+        raise ValueError(f"tasks/{name}.yaml: metadata.quanteval.teacher_forced={meta['teacher_forced']!r}: "
+                         "must be reference or baseline")
+    docs = [dict(d) for d in task.test_docs()]
+    if not docs:
+        raise ValueError(f"task {name}: empty dataset")
+    if name != "arith_chain":
+        docs = docs[:limit]
+    gen = dict(task.config.generation_kwargs or {})
+    until = gen.get("until") or []
+    until = [until] if isinstance(until, str) else list(until)
+    cap = int(gen.get("max_gen_toks", 256))
+    if max_new_tokens:
+        cap = min(cap, int(max_new_tokens)) if max_new_tokens > 0 else cap
+    return TaskSpec(name, task, module, docs, until, cap, meta)
+
+
+def check_metrics(spec: TaskSpec) -> None:
+    """Every metric the YAML declares must be one lm-eval knows or one the task's scorer returns."""
+    from lm_eval.api.registry import get_metric
+
+    for m in spec.lm_task.config.metric_list or []:
+        metric = m["metric"]
+        if spec.lm_task.config.process_results is None and not callable(metric):
+            try:
+                found = get_metric(metric)  # logs and returns None when unknown
+            except Exception:  # noqa: BLE001 - some versions raise instead
+                found = None
+            if found is None:
+                raise ValueError(f"tasks/{spec.name}.yaml: unknown metric {metric!r}")
+
+
+def prompt_for(spec: TaskSpec, tokenizer, doc: dict, prompt_format: str, model_name: str) -> tuple[str, bool]:
+    """The prompt string for ``doc`` and whether to add the tokenizer's special tokens when encoding."""
+    text = spec.lm_task.doc_to_text(doc)
+    if not spec.meta["chat"]:
+        return text, True
+    if prompt_format == "plain":
+        return PLAIN_PROMPT.format(text=text), True
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"model {model_name} has no chat template and task {spec.name} is a chat task: "
+                         "set model.prompt_format=plain to use the plain 'Question: ... Answer:' format")
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True), False
+
+
+def stop_strings(spec: TaskSpec, prompt_format: str) -> list[str]:
+    return spec.until + (PLAIN_STOP if spec.meta["chat"] and prompt_format == "plain" else [])
+
+
+def score_items(spec: TaskSpec, texts: list[str], sandbox: str = "bwrap") -> list[dict]:
+    """Per item: ``scores`` (metric -> value) and ``extracted`` (filter -> filtered answer).
+
+    Scored by lm-eval's own filters and ``process_results`` (as its evaluator does), except for
+    tasks whose module defines ``score_item`` (code execution, which needs quanteval's sandbox).
+    """
+    from lm_eval.api.instance import Instance
+
+    if hasattr(spec.module, "score_item"):
+        out = []
+        for doc, text in zip(spec.docs, texts):
+            scores, extra = spec.module.score_item(doc, text, sandbox=sandbox)
+            out.append({"scores": scores, "extracted": {}, "extra": extra})
+        return out
+    insts = []
+    for i, (doc, text) in enumerate(zip(spec.docs, texts)):
+        inst = Instance(request_type="generate_until", doc=doc, arguments=("", {}), idx=0,
+                        metadata=(spec.lm_task.config.task, i, 1))
+        inst.resps = [text]
+        insts.append(inst)
+    for f in getattr(spec.lm_task, "_filters", []):
+        f.apply(insts)
+    out = []
+    for doc, inst in zip(spec.docs, insts):
+        scores, extracted = {}, {}
+        for key, resp in inst.filtered_resps.items():
+            for metric, value in spec.lm_task.process_results(doc, [resp]).items():
+                scores[metric if key == "none" else f"{metric},{key}"] = value
+            extracted[key] = resp if isinstance(resp, (str, int, float)) or resp is None else str(resp)
+        out.append({"scores": scores, "extracted": extracted, "extra": {}})
+    return out
+
+
+def aggregate(spec: TaskSpec, items: list[dict]) -> dict:
+    """Run-level metrics from per-item scores, with lm-eval's aggregation functions."""
+    aggs = spec.lm_task.aggregation()
+    declared = [m["metric"] for m in spec.lm_task.config.metric_list or [] if isinstance(m["metric"], str)]
+    returned = {k.split(",")[0] for k in items[0]["scores"]}
+    missing = [m for m in declared if m not in returned]
+    if missing:
+        raise ValueError(f"tasks/{spec.name}.yaml: metric {missing[0]!r} is declared but the task's scorer "
+                         f"does not return it (it returns: {', '.join(sorted(returned))})")
+    out = {}
+    for metric in items[0]["scores"]:
+        base = metric.split(",")[0]
+        fn = aggs.get(base)
+        values = [it["scores"][metric] for it in items]
+        out[metric] = float(fn(values)) if fn else float(sum(map(float, values)) / len(values))
+    return out
+
+
+def mcnemar_exact(lost: int, gained: int) -> float:
+    """Two-sided exact McNemar p-value: a binomial test of the discordant pairs against 1/2."""
+    n = lost + gained
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(lost, gained) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def primary_value(item: dict, primary: str) -> float:
+    """An item's primary metric: a task score, or a comparison with the baseline (mt_bench)."""
+    v = item["scores"][primary] if primary in item["scores"] else item[primary]
+    return float(v)
+
+
+def correct(item: dict, primary: str) -> bool:
+    return primary_value(item, primary) >= 0.5
+
+
+@lru_cache(maxsize=1)
+def _rouge_l():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(a: str, b: str) -> float:
+    if not a.strip() and not b.strip():
+        return 1.0
+    return float(_rouge_l().score(b, a)["rougeL"].fmeasure)
+
+
+def compare_with_baseline(spec: TaskSpec, items: list[dict], base_items: list[dict]) -> dict:
+    """Agreement of a variant's per-item results with the baseline's; annotates ``items`` in place."""
+    out: dict[str, float] = {}
+    same = []
+    for it, b in zip(items, base_items):
+        it["same_output"] = it["output"] == b["output"]
+        it["rougeL_vs_base"] = rouge_l(it["output"], b["output"])
+        same.append(it["same_output"])
+    out["same_output"] = sum(same) / len(same)
+    out["rougeL_vs_base"] = sum(it["rougeL_vs_base"] for it in items) / len(items)
+    if spec.meta.get("binary"):
+        lost = gained = 0
+        for it, b in zip(items, base_items):
+            was, now = correct(b, spec.primary), correct(it, spec.primary)
+            it["flip"] = "lost" if was and not now else "gained" if now and not was else None
+            lost += it["flip"] == "lost"
+            gained += it["flip"] == "gained"
+        out.update(flips_lost=lost, flips_gained=gained, flip_rate=(lost + gained) / len(items),
+                   mcnemar_p=mcnemar_exact(lost, gained))
+    return out
+
+
+def teacher_forced_summary(items: list[dict]) -> dict:
+    """Token-pooled teacher-forced KL / NLL / top-1 over the items that have a text."""
+    tf = [it["tf"] for it in items if it.get("tf")]
+    n = sum(t["n_tokens"] for t in tf)
+    if not n:
+        return {}
+    return {"tf_kl_mean": sum(t["kl_mean"] * t["n_tokens"] for t in tf) / n,
+            "tf_top1": sum(t["top1"] * t["n_tokens"] for t in tf) / n,
+            "tf_nll_mean": sum(t["nll_mean"] * t["n_tokens"] for t in tf) / n,
+            "tf_tokens": n}
+
+
+def breakdown(spec: TaskSpec, items: list[dict]) -> dict:
+    """Primary metric and teacher-forced KL by each tag value (e.g. accuracy per number of steps)."""
+    out = {}
+    for tag in spec.meta.get("tags") or []:
+        groups: dict[str, list[dict]] = {}
+        for it in items:
+            groups.setdefault(str(it["tags"].get(tag)), []).append(it)
+        out[tag] = {}
+        for value, group in sorted(groups.items(), key=lambda kv: _num(kv[0])):
+            row = {"n": len(group),
+                   spec.primary: sum(primary_value(it, spec.primary) for it in group) / len(group)}
+            row.update({k: v for k, v in teacher_forced_summary(group).items() if k == "tf_kl_mean"})
+            out[tag][value] = row
+    return out
+
+
+def _num(s: str):
+    try:
+        return (0, float(s))
+    except ValueError:
+        return (1, s)
+
+
+def write_items(path: Path, items: list[dict]) -> None:
+    results.write_atomic(path, "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
+
+
+def read_items(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class GenerativeTask:
+    """``baseline(ctx)`` / ``score(ctx)`` for one generative task (the sweep's task interface)."""
+
+    generative = True
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def spec(self, ctx) -> TaskSpec:
+        cfg = ctx.cfg
+        limit = cfg.task.limit or cfg.preset.limits.get(self.name)
+        if limit is None:
+            raise ValueError(f"task {self.name}: no limit; set task.limit or preset.limits.{self.name}")
+        cap = cfg.task.max_new_tokens or cfg.preset.max_new_tokens.get(self.name)
+        spec = load_spec(self.name, ctx.data_root, limit, cap, dict(cfg.task.options))
+        check_metrics(spec)
+        return spec
+
+    def _settings(self, ctx, spec: TaskSpec) -> dict:
+        import quanteval
+        from quanteval_tasks import TASK_DIR
+
+        yaml_text = (TASK_DIR / f"{self.name}.yaml").read_text(encoding="utf-8")
+        module_text = (TASK_DIR / f"{self.name}.py").read_text(encoding="utf-8")
+        return {"model": ctx.model_key, "task": self.name, "yaml": results.run_key({"y": yaml_text, "m": module_text}),
+                "ids": [d["id"] for d in spec.docs], "max_new_tokens": spec.max_new_tokens,
+                "prompt_format": ctx.cfg.model.prompt_format, "sandbox": ctx.cfg.sandbox,
+                "top_k": TOP_K, "quanteval": quanteval.__version__}
+
+    def _paths(self, ctx, spec: TaskSpec) -> tuple[Path, Path]:
+        key = results.run_key(self._settings(ctx, spec))
+        stem = ctx.cache_dir / "baseline" / f"{self.name}-{key}"
+        return stem.with_name(stem.name + ".items.jsonl"), stem.with_name(stem.name + ".tf.pt")
+
+    def _prompts(self, ctx, spec: TaskSpec) -> list[tuple[str, bool]]:
+        tok = ctx.loaded.tokenizer
+        return [prompt_for(spec, tok, d, ctx.cfg.model.prompt_format, ctx.cfg.model.name) for d in spec.docs]
+
+    def _generate(self, ctx, spec: TaskSpec, prompts) -> list:
+        from quanteval.generate import generate
+
+        specials = {p[1] for p in prompts}
+        assert len(specials) == 1  # one prompt format per task
+        return generate(ctx.loaded.model, ctx.loaded.tokenizer, [p[0] for p in prompts], spec.max_new_tokens,
+                        stop=stop_strings(spec, ctx.cfg.model.prompt_format), batch_size=ctx.cfg.preset.gen_batch_size,
+                        add_special_tokens=specials.pop(), desc=f"{self.name} generate")
+
+    def _items(self, ctx, spec: TaskSpec, prompts, gens) -> list[dict]:
+        scored = score_items(spec, [g.text for g in gens], ctx.cfg.sandbox)
+        items = []
+        for doc, (prompt, _), g, s in zip(spec.docs, prompts, gens, scored):
+            items.append({"id": doc["id"], "input": spec.lm_task.doc_to_text(doc), "output": g.text,
+                          "finish": g.finish, "n_tokens": g.n_tokens, **s,
+                          "tags": {t: doc.get(t) for t in spec.meta.get("tags") or []}})
+        return items
+
+    def _sequences(self, ctx, spec: TaskSpec, prompts, texts: list[str]) -> list[tuple[list[int], int] | None]:
+        """Teacher-forced sequences: prompt tokens + text tokens (capped at the token cap)."""
+        tok = ctx.loaded.tokenizer
+        seqs = []
+        for (prompt, specials), text in zip(prompts, texts):
+            target = tok(text, add_special_tokens=False)["input_ids"][: spec.max_new_tokens]
+            if not text or not target:
+                seqs.append(None)
+                continue
+            ids = tok(prompt, add_special_tokens=specials)["input_ids"]
+            seqs.append((ids + target, len(ids)))
+        return seqs
+
+    def _tf_texts(self, spec: TaskSpec, items: list[dict]) -> list[str]:
+        if spec.meta["teacher_forced"] == "reference":
+            return [str(spec.lm_task.doc_to_target(d)) for d in spec.docs]
+        return [it["output"] for it in items]
+
+    def baseline(self, ctx) -> None:
+        """Generate, score and record the baseline's top-k log-probs on the teacher-forced texts, once."""
+        import torch
+        from filelock import FileLock
+
+        from quanteval.evaluate import fidelity
+
+        spec = self.spec(ctx)
+        items_path, tf_path = self._paths(ctx, spec)
+        items_path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(items_path) + ".lock"):
+            if not ctx.needs(items_path) and tf_path.exists():
+                return
+            log.info("computing the baseline's %s answers once (%d items): %s", self.name, len(spec.docs),
+                     items_path.name)
+            prompts = self._prompts(ctx, spec)
+            gens = self._generate(ctx, spec, prompts)
+            items = self._items(ctx, spec, prompts, gens)
+            seqs = self._sequences(ctx, spec, prompts, self._tf_texts(spec, items))
+            present = [s for s in seqs if s is not None]
+            stats = fidelity.sequence_baseline(ctx.loaded.model, present, TOP_K)
+            tmp = tf_path.with_name(tf_path.name + ".tmp")
+            torch.save({"seqs": seqs, "stats": stats}, tmp)
+            tmp.replace(tf_path)
+            write_items(items_path, items)  # written last: its presence marks a complete cache
+            ctx.wrote(items_path)
+
+    def score(self, ctx) -> dict:
+        import torch
+
+        from quanteval.evaluate import fidelity
+
+        spec = self.spec(ctx)
+        if ctx.cfg.judge and ctx.cfg.judge not in JUDGES:
+            raise ValueError(f"judge={ctx.cfg.judge}: no such judge registered "
+                             f"(quanteval.evaluate.generative.JUDGES has: {', '.join(JUDGES) or 'none'})")
+        items_path, tf_path = self._paths(ctx, spec)
+        base_items = read_items(items_path)
+        if ctx.cfg.method.quantizes:
+            prompts = self._prompts(ctx, spec)
+            gens = self._generate(ctx, spec, prompts)
+            items = self._items(ctx, spec, prompts, gens)
+        else:  # the baseline run: the cached answers are this model's answers
+            items = [dict(it) for it in base_items]
+        tf = torch.load(tf_path, weights_only=False)
+        present = [s for s in tf["seqs"] if s is not None]
+        compared = iter(fidelity.sequence_compare(ctx.loaded.model, present, tf["stats"]))
+        for it, s in zip(items, tf["seqs"]):
+            it["tf"] = next(compared) if s is not None else None
+        metrics = aggregate(spec, items)
+        metrics.update(compare_with_baseline(spec, items, base_items))
+        metrics.update(teacher_forced_summary(items))
+        if ctx.cfg.judge:
+            judge = JUDGES[ctx.cfg.judge]
+            for doc, it, b in zip(spec.docs, items, base_items):
+                it["judge"] = float(judge(doc, it["output"], b["output"]))
+            metrics["judge"] = sum(it["judge"] for it in items) / len(items)
+        metrics["n_items"] = len(items)
+        metrics["hit_cap_rate"] = sum(it["finish"] == "length" for it in items) / len(items)
+        if spec.primary not in metrics:
+            raise ValueError(f"tasks/{self.name}.yaml: primary metric {spec.primary!r} is not among the "
+                             f"task's metrics ({', '.join(sorted(metrics))})")
+        metrics["primary"] = metrics[spec.primary]
+        return {**metrics, "primary_metric": spec.primary, "items": items, "breakdown": breakdown(spec, items),
+                "sandbox": ctx.cfg.sandbox if hasattr(spec.module, "score_item") else None}
