@@ -15,4 +15,4 @@ The package is laid out as ``../shared/STYLE.md`` suggests:
 Importing ``quanteval`` itself is cheap and does not import torch.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 import hydra
@@ -152,12 +153,31 @@ def _check_inputs(cfg: C.RunConfig) -> None:
 
             c = cfg.calibration
             read_text(calibration_file(c.dataset, c.path, root))  # empty / malformed: one line, now
+        if cfg.task.kind == "generative":
+            _check_task_data(cfg.task.name, root)
+            if not (cfg.task.limit or cfg.preset.limits.get(cfg.task.name)):
+                raise ValueError(f"preset.limits.{cfg.task.name}: missing; set it or task.limit")
         if cfg.model.source == "gguf_package":
             from quanteval.models import check_gguf, gguf_path
 
             check_gguf(gguf_path(cfg.model))
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
+
+
+@lru_cache(maxsize=None)
+def _check_task_data(name: str, root: Path) -> None:
+    """A generative task's local data file, when present, verified (checksum) and parsed (file:line errors).
+
+    A missing local file is not an error here: the task falls back to the hub, and says so if that fails.
+    """
+    import importlib
+
+    from quanteval.data import data_file, read_jsonl
+
+    rel = getattr(importlib.import_module(f"quanteval_tasks.{name}"), "DATA", None)
+    if rel and (root / rel).exists():
+        read_jsonl(data_file(root, rel))
 
 
 class ReportCallback(Callback):

@@ -12,9 +12,11 @@ Semantics (those of lm-eval's ``HFLM.generate_until``, so scores match):
 - prompts are tokenised without added special tokens (a chat template
   already carries them) unless ``add_special_tokens=True``;
 - a sequence ends at an end-of-sequence token (the model's
-  ``generation_config.eos_token_id``, any of them), at the token cap, or
-  when one of ``stop`` appears in its decoded text; the returned text is cut
-  before the first stop string;
+  ``generation_config.eos_token_id``, any of them, or the tokenizer's), at
+  the token cap, or when one of ``stop`` appears in the text of its last
+  tokens decoded *with* special tokens (so a stop string may be a special
+  token such as ``<|im_end|>``); the returned text is decoded without special
+  tokens and cut before the first stop string;
 - prompts are sorted by length and left-padded, with position ids that
   skip the padding, so padding changes nothing but float rounding.
 
@@ -41,12 +43,12 @@ class Generation:
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
+    """The generation config's end-of-sequence ids and the tokenizer's (HFLM stops on both)."""
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if ids is None:
-        ids = tokenizer.eos_token_id
-    if ids is None:
-        return set()
-    return set(ids) if isinstance(ids, (list, tuple)) else {int(ids)}
+    out = set() if ids is None else set(ids) if isinstance(ids, (list, tuple)) else {int(ids)}
+    if tokenizer.eos_token_id is not None:
+        out.add(int(tokenizer.eos_token_id))
+    return out
 
 
 def _cut(text: str, stop: Sequence[str]) -> tuple[str, bool]:
@@ -99,6 +101,7 @@ def _generate_batch(model, tokenizer, seqs, max_new_tokens, stop, eos, pad, devi
     new_tokens: list[list[int]] = [[] for _ in range(n)]
     results: list[Generation | None] = [None] * n
     next_pos = pos[:, -1:] + 1
+    window = max((len(x) for x in stop), default=0) + 8  # tokens decoded to look for a stop string
     logits = out.logits[:, -1]
     for step in range(max_new_tokens):
         nxt = logits.argmax(-1)  # (alive,)
@@ -109,12 +112,10 @@ def _generate_batch(model, tokenizer, seqs, max_new_tokens, stop, eos, pad, devi
             finish = None
             if t in eos:
                 finish = "eos"
-            else:
-                text, hit = _cut(tokenizer.decode(new_tokens[r], skip_special_tokens=True), stop) if stop else ("", False)
-                if hit:
-                    finish = "stop"
-                elif step + 1 == max_new_tokens:
-                    finish = "length"
+            elif stop and _cut(tokenizer.decode(new_tokens[r][-window:], skip_special_tokens=False), stop)[1]:
+                finish = "stop"  # checked with special tokens kept: a stop string may be one (e.g. "<|im_end|>")
+            elif step + 1 == max_new_tokens:
+                finish = "length"
             if finish is None:
                 keep.append(j)
             else:

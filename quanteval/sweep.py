@@ -146,7 +146,8 @@ def quantize(cfg: RunConfig, ctx: "JobContext"):
     from quanteval.methods import QuantResult
 
     method = METHODS[cfg.method.name]
-    key = results.run_key({k: v for k, v in run_settings(cfg).items() if k not in ("task", "preset")})
+    # the quanteval version is in the key, the git commit is not: a commit that changes a method bumps the version
+    key = results.run_key({k: v for k, v in run_settings(cfg).items() if k not in ("task", "preset", "git")})
     path = cache_dir(cfg) / "quant" / f"{cfg.method.name}-{key}.pt"
     if method.cache and not ctx.needs(path):
         log.info("reusing cached %s result %s", cfg.method.name, path.name)

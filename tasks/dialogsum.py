@@ -11,6 +11,8 @@ from functools import lru_cache
 
 from quanteval_tasks.common import load_rows, to_dataset
 
+DATA = "dialogsum/test.jsonl"  # relative to the data directory
+
 INSTRUCTION = "Summarize the following dialogue in one or two sentences."
 ROUGE = ("rouge1", "rouge2", "rougeL")
 
@@ -21,7 +23,7 @@ def _from_hub(row: dict) -> dict:  # knkarthick/dialogsum has one summary per ro
 
 
 def docs(data_dir=None, **_) -> list[dict]:
-    rows = load_rows("dialogsum/test.jsonl", data_dir, hub=("knkarthick/dialogsum", None, "test"),
+    rows = load_rows(DATA, data_dir, hub=("knkarthick/dialogsum", None, "test"),
                      from_hub=_from_hub)
     return [{"id": r["fname"], "dialogue": r["dialogue"],
              "references": [r[k] for k in ("summary1", "summary2", "summary3") if r.get(k)]} for r in rows]

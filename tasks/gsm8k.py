@@ -10,6 +10,8 @@ import re
 
 from quanteval_tasks.common import load_rows, to_dataset
 
+DATA = "gsm8k/test.jsonl"  # relative to the data directory
+
 INSTRUCTION = ("Solve the problem step by step. End your answer with a final line of the form "
                "'#### <number>'.")
 _CALC = re.compile(r"<<[^>]*>>")
@@ -20,7 +22,7 @@ def _from_hub(row: dict) -> dict:
 
 
 def docs(data_dir=None, **_) -> list[dict]:
-    rows = load_rows("gsm8k/test.jsonl", data_dir, hub=("openai/gsm8k", "main", "test"), from_hub=_from_hub)
+    rows = load_rows(DATA, data_dir, hub=("openai/gsm8k", "main", "test"), from_hub=_from_hub)
     return [{"id": f"gsm8k-{i}", "question": r["question"], "answer": r["answer"],
              "n_steps": len(_CALC.findall(r["answer"]))} for i, r in enumerate(rows)]
 

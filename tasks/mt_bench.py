@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from quanteval_tasks.common import load_rows, to_dataset
 
+DATA = "mt_bench/question.jsonl"  # relative to the data directory
+
 
 def docs(data_dir=None, **_) -> list[dict]:
-    rows = load_rows("mt_bench/question.jsonl", data_dir)
+    rows = load_rows(DATA, data_dir)
     return [{"id": str(r["question_id"]), "category": r["category"], "prompt": r["turns"][0]} for r in rows]
 
 

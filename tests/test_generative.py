@@ -271,3 +271,31 @@ def test_lmeval_passthrough_with_local_data(tiny_model, tiny_data, tmp_path):
                           f"task.include_path={tasks}", "method=none"))
     assert proc.returncode == 1
     assert "1 run(s) failed: no_such_task_xyz baseline (ValueError: task.name=no_such_task_xyz: not an lm-eval task" in proc.stderr
+
+
+def test_malformed_task_data_fails_before_any_work(tiny_model, tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    lines = (data / "gsm8k" / "test.jsonl").read_text().splitlines(keepends=True)
+    (data / "gsm8k" / "test.jsonl").write_text("".join(lines[:2]) + "{broken\n" + "".join(lines[2:]))
+    proc = run_cli(*_args(tiny_model, data, tmp_path / "res", "task=wikitext2,gsm8k", "method=rtn", "bits=4"))
+    assert proc.returncode == 2
+    assert f"{data / 'gsm8k' / 'test.jsonl'}:3: malformed JSON" in proc.stderr
+    assert not (tmp_path / "res").exists()
+
+
+def test_lm_eval_task_manager_loads_every_task_yaml():
+    """Every task YAML in tasks/ loads through lm-eval's own TaskManager, with its full test set."""
+    from lm_eval.tasks import TaskManager
+
+    from conftest import SHARED_DATA
+    from quanteval_tasks import TASK_DIR
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} not present: the full data sets are needed to count documents")
+    tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata={"data_dir": str(SHARED_DATA)})
+    expected = {"ifeval": 541, "mt_bench": 80, "dialogsum": 500, "gsm8k": 1319, "arith_chain": 160, "humaneval": 164}
+    assert {f"quanteval_{n}" for n in expected} <= set(tm.all_tasks)
+    loaded = tm.load([f"quanteval_{n}" for n in expected])["tasks"]
+    counts = {name.removeprefix("quanteval_"): len(list(task.test_docs())) for name, task in loaded.items()}
+    assert counts == expected

@@ -15,7 +15,9 @@ a wrong last number, a chatty first line that only the loose IFEval scores forgi
 test checks that both outcomes occur, so it cannot pass on all-zero scores.
 
 Generation: ``quanteval.generate.generate`` (batched) and ``HFLM.generate_until`` (batch 1), both
-greedy, on the same prompts (``prompt_for``) and stops, must return the same text.
+greedy, on the same prompts (``prompt_for``) and stops, must return the same text: on the tiny
+model (as saved, and made to talk), with a stop string that is a special token but not the
+generation EOS, and (slow) on SmolLM2.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import lm_eval.evaluator
 import nltk
 import pytest
 import torch
@@ -88,8 +91,10 @@ def score_both(name: str, texts: dict[str, list[str]]) -> tuple[TaskSpec, list[S
     for r in range(rounds):
         round_texts = {doc_id: v[r] for doc_id, v in texts.items()}
         replay = ReplayLM(round_texts)
-        res = simple_evaluate(model=replay, tasks=[lmeval_name(name)], task_manager=tm, limit=len(texts),
-                              log_samples=True, bootstrap_iters=0)
+        with pytest.MonkeyPatch.context() as mp:  # environment report only: `pip list` and more, ~1 s a run
+            mp.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)
+            res = simple_evaluate(model=replay, tasks=[lmeval_name(name)], task_manager=tm, limit=len(texts),
+                                  log_samples=True, bootstrap_iters=0)
         assert sorted(q.doc["id"] for q in replay.requests) == sorted(texts)  # one request per doc
         samples: dict[str, dict[str, dict]] = defaultdict(dict)
         for s in res["samples"][lmeval_name(name)]:
@@ -104,7 +109,7 @@ def check_requests(spec: TaskSpec, scored: list[Scored]) -> None:
     """lm-eval asked for each doc with quanteval's prompt text, stop strings and token cap."""
     for s in scored:
         for sample in s.samples.values():
-            (prompt, gen_kwargs), = sample["arguments"]
+            ((prompt, gen_kwargs),) = sample["arguments"]
             assert prompt == spec.lm_task.doc_to_text(s.doc)
             assert gen_kwargs["until"] == spec.until and gen_kwargs["max_gen_toks"] == spec.max_new_tokens
             assert sample["resps"] == [[s.text]]
@@ -171,28 +176,28 @@ def test_gsm8k_hand_checked_scores(gsm8k_scored):
 
 @pytest.fixture(scope="module")
 def stock_gsm8k():
-    """``score(doc, text) -> {filter: exact_match}`` built from lm-eval's stock gsm8k.yaml alone."""
-    import lm_eval.tasks
+    """``score(doc, text) -> {filter: (exact_match, filtered answer)}`` from lm-eval's stock gsm8k.yaml alone."""
     from lm_eval.api.registry import get_metric
     from lm_eval.filters import build_filter_ensemble
     from lm_eval.tasks._yaml_loader import load_yaml
 
     cfg = load_yaml(Path(lm_eval.tasks.__file__).parent / "gsm8k" / "gsm8k.yaml", resolve_func=False)
     assert cfg["doc_to_target"] == "{{answer}}"  # the gold is the raw answer, calculator notes and all
-    ensembles = [build_filter_ensemble(f["name"], [(step["function"], {k: v for k, v in step.items() if k != "function"})
-                                                   for step in f["filter"]])
-                 for f in cfg["filter_list"]]
+    ensembles = []
+    for f in cfg["filter_list"]:
+        steps = [(step["function"], {k: v for k, v in step.items() if k != "function"}) for step in f["filter"]]
+        ensembles.append(build_filter_ensemble(f["name"], steps))
     (metric,) = cfg["metric_list"]
     assert metric["metric"] == "exact_match"
     kwargs = {k: v for k, v in metric.items() if k not in ("metric", "aggregation", "higher_is_better")}
     exact_match = get_metric("exact_match")
 
-    def score(doc: dict, text: str) -> dict[str, float]:
+    def score(doc: dict, text: str) -> dict[str, tuple[float, str]]:
         inst = Instance(request_type="generate_until", doc=doc, arguments=("", {}), idx=0, metadata=("gsm8k", 0, 1))
         inst.resps = [text]
         for ens in ensembles:
             ens.apply([inst])
-        return {name: exact_match(references=[doc["answer"]], predictions=[resp], **kwargs)["exact_match"]
+        return {name: (exact_match(references=[doc["answer"]], predictions=[resp], **kwargs)["exact_match"], resp)
                 for name, resp in inst.filtered_resps.items()}
 
     return score
@@ -204,11 +209,11 @@ def test_gsm8k_scores_equal_stock_lmeval_definition(gsm8k_scored, stock_gsm8k):
     for s in scored:
         stock = stock_gsm8k(s.doc, s.text)
         assert set(stock) == set(GSM8K_FILTERS)
-        ours = {f: s.ours["scores"][f"exact_match,{f}"] for f in GSM8K_FILTERS}
+        ours = {f: (s.ours["scores"][f"exact_match,{f}"], s.ours["extracted"][f]) for f in GSM8K_FILTERS}
         if ours != stock:
             mismatches.append((s.doc["id"], s.text, "quanteval", ours, "stock", stock))
     assert not mismatches
-    assert {v for s in scored for v in stock_gsm8k(s.doc, s.text).values()} == {0.0, 1.0}
+    assert {v for s in scored for v, _ in stock_gsm8k(s.doc, s.text).values()} == {0.0, 1.0}
 
 
 # ---------------------------------------------------------------- ifeval scoring
@@ -249,23 +254,19 @@ def ifeval_texts(doc_id: str) -> list[str]:
     ]
 
 
+def no_network(*args, **kwargs):
+    raise AssertionError(f"nltk.download{args} called: the test must not need the network")
+
+
 @pytest.fixture(scope="module")
-def offline_punkt(tmp_path_factory):
-    """As in test_task_ifeval: NLTK data in a temporary cache, and no network."""
-
-    def no_network(*args, **kwargs):
-        raise AssertionError(f"nltk.download{args} called: the test must not need the network")
-
+def ifeval_scored(tmp_path_factory) -> tuple[TaskSpec, list[Scored]]:
+    # As in test_task_ifeval: NLTK's data in a temporary cache, and no network. Only while scoring:
+    # the SmolLM2 test below needs the real QUANTEVAL_CACHE, where the converted model is kept.
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QUANTEVAL_CACHE", str(tmp_path_factory.mktemp("cache")))
         mp.setattr(nltk, "download", no_network)
         ensure_punkt()
-        yield
-
-
-@pytest.fixture(scope="module")
-def ifeval_scored(offline_punkt) -> tuple[TaskSpec, list[Scored]]:
-    return score_both("ifeval", {doc_id: ifeval_texts(doc_id) for doc_id in IFEVAL_GOOD})
+        return score_both("ifeval", {doc_id: ifeval_texts(doc_id) for doc_id in IFEVAL_GOOD})
 
 
 def test_ifeval_evaluator_scores_equal_quanteval(ifeval_scored):
@@ -286,8 +287,9 @@ def test_ifeval_evaluator_scores_equal_quanteval(ifeval_scored):
     assert all(s.ours["scores"]["prompt_level_strict_acc"] for s in scored if s.text == IFEVAL_GOOD[s.doc["id"]])
 
 
-def test_ifeval_scores_equal_stock_process_results(ifeval_scored):
-    from lm_eval.tasks.ifeval import utils  # imported after ensure_punkt (offline_punkt)
+def test_ifeval_scores_equal_stock_process_results(ifeval_scored, monkeypatch):
+    monkeypatch.setattr(nltk, "download", no_network)
+    from lm_eval.tasks.ifeval import utils  # imported after ensure_punkt (in ifeval_scored)
 
     _, scored = ifeval_scored
     mismatches = []
@@ -335,8 +337,9 @@ def load_tiny(tiny_model: Path):
 
 
 def test_generation_equals_hflm_on_tiny_model_special_tokens_only(tiny_model, one_thread):
-    # The fixture's tokenizer has no digits or punctuation, so GSM8K prompts are full of <unk>, and the
-    # random tied-embedding model echoes <unk> every step: both engines drop it (skip_special_tokens).
+    # The fixture's tokenizer knows only lowercase letters, space and '.', so GSM8K prompts are full of
+    # <unk>, and the random tied-embedding model echoes <unk> at every step: both engines drop it when
+    # decoding (skip_special_tokens=True), so both texts are empty.
     loaded = load_tiny(tiny_model)
     spec = load_spec("gsm8k", resolve_data_dir(None), 4, 16, {})
     # max_length: HFLM's context window defaults to max_position_embeddings (256 here) and it would
@@ -346,12 +349,13 @@ def test_generation_equals_hflm_on_tiny_model_special_tokens_only(tiny_model, on
     assert [(g.finish, g.n_tokens) for g in gens] == [("length", 16)] * 4
 
 
-def test_generation_equals_hflm_on_tiny_model(tiny_model, one_thread):
-    # A random untied output layer makes the tiny model talk. Two rows are then copies (x1.01) of word
-    # rows, so EOS and <unk> are emitted where those words would be: sequences end on EOS, and a special
-    # token (which both engines skip when decoding) appears mid-text. The model cannot spell the task's
-    # stop strings (its alphabet is letters, space, '.' and newline), so a two-token phrase of its own is
-    # added as a stop.
+def talking_tiny(tiny_model: Path):
+    """The tiny model made to talk: a random untied output layer, with EOS and <unk> in place of two words.
+
+    Two output rows are copies (x1.01) of word rows, so EOS ("</s>") and <unk> are emitted where
+    "nine" and " at" would be: some sequences end on EOS, and a special token (which both engines skip
+    when decoding) appears mid-text. ("Ġ" marks a leading space in byte-level BPE.)
+    """
     loaded = load_tiny(tiny_model)
     model, tok = loaded.model, loaded.tokenizer
     nine, at = tok.convert_tokens_to_ids(["nine", "Ġat"])
@@ -361,7 +365,15 @@ def test_generation_equals_hflm_on_tiny_model(tiny_model, one_thread):
     w[tok.eos_token_id] = 1.01 * w[nine]
     w[tok.unk_token_id] = 1.01 * w[at]
     model.lm_head.weight = torch.nn.Parameter(w)
+    return loaded
+
+
+def test_generation_equals_hflm_on_tiny_model(tiny_model, one_thread):
+    loaded = talking_tiny(tiny_model)
+    model, tok = loaded.model, loaded.tokenizer
     spec = load_spec("gsm8k", resolve_data_dir(None), 4, 24, {})
+    # the model cannot spell the task's stop strings (its alphabet is lowercase letters, space and '.'),
+    # so a two-token phrase of its own is added as a stop
     stops = stop_strings(spec, "chat") + ["eight wa"]
     gens, texts = generate_both(loaded, spec, stops, 24, batch_size=4, max_length=1024)
     assert [g.text for g in gens] == texts
@@ -370,6 +382,21 @@ def test_generation_equals_hflm_on_tiny_model(tiny_model, one_thread):
     ids = tok(prompt_for(spec, tok, spec.docs[1], "chat", "tiny")[0], add_special_tokens=False, return_tensors="pt")
     greedy = model.generate(**ids, max_new_tokens=24, do_sample=False)[0, ids["input_ids"].shape[1]:]
     assert tok.unk_token_id in greedy.tolist()  # the special-token case was exercised
+
+
+def test_generation_equals_hflm_when_a_stop_string_is_a_special_token(tiny_model, one_thread):
+    # The model ends its turns with "</s>", a special token and one of gsm8k's stop strings, but its
+    # generation config names another EOS (as a base model's <|endoftext|> beside a chat <|im_end|>).
+    # HFLM stops there: its stop criterion decodes with special tokens (and it adds the tokenizer's EOS
+    # string to every request's stops). quanteval matches stop strings on text decoded with
+    # skip_special_tokens=True, where "</s>" never appears, and runs on to the cap.
+    loaded = talking_tiny(tiny_model)
+    loaded.model.generation_config.eos_token_id = loaded.tokenizer.bos_token_id
+    spec = load_spec("gsm8k", resolve_data_dir(None), 4, 24, {})
+    stops = stop_strings(spec, "chat")
+    assert loaded.tokenizer.eos_token in stops
+    gens, texts = generate_both(loaded, spec, stops, 24, batch_size=4, max_length=1024)
+    assert [g.text for g in gens] == texts
 
 
 @pytest.mark.slow
