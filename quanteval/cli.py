@@ -184,12 +184,15 @@ class ReportCallback(Callback):
     """Writes the report, and prints a summary, when the sweep ends."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from quanteval.report import Thresholds, build_report
+        from quanteval.report import build, summary
 
         sweep = Path(config.results_dir).resolve() / config.sweep_name
-        th = Thresholds(kl_survives=config.report.kl_survives, kl_collapses=config.report.kl_collapses)
-        index = build_report(sweep, thresholds=th)
-        print(f"quanteval: report written to {index}")
+        report_cfg = OmegaConf.to_object(config.report) if isinstance(config.report, DictConfig) else config.report
+        report = build(sweep, thresholds=C.ReportConfig(**report_cfg).thresholds())
+        print(summary(report.cells))
+        for w in report.warnings:
+            print(f"quanteval: warning: {w}", file=sys.stderr)
+        print(f"quanteval: report written to {report.index}")
         if _FAILED:
             print(f"quanteval: {len(_FAILED)} run(s) failed: {'; '.join(_FAILED)}", file=sys.stderr)
 

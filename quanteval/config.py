@@ -214,13 +214,29 @@ class CalibrationConfig:
 
 @dataclass
 class ReportConfig:
-    """Verdict thresholds on mean KL to the baseline (see ``quanteval.report``)."""
+    """Verdict thresholds of the report (see ``quanteval.report.cells``); the defaults are documented there."""
 
+    survives: float = 0.97  # retained quality (score / baseline score) at or above: survives
+    collapses: float = 0.5  # retained quality below: collapses
     kl_survives: float = 0.1  # mean KL below this: survives
     kl_collapses: float = 1.0  # mean KL at or above this: collapses
+    top1_survives: float = 0.9  # same-top-token rate at or above: survives
+    top1_collapses: float = 0.5  # same-top-token rate below: collapses
+    floor: float = 0.05  # a baseline within this of chance is "at floor" (judged by fidelity instead)
+    chance: dict[str, float] = field(default_factory=dict)  # task -> chance level (default 0)
 
     def __post_init__(self) -> None:
         _check(0 < self.kl_survives < self.kl_collapses, "report.kl_survives must be > 0 and < report.kl_collapses")
+        _check(0 < self.collapses < self.survives, "report.collapses must be > 0 and < report.survives")
+        _check(0 < self.top1_collapses < self.top1_survives <= 1,
+               "report.top1_collapses must be > 0 and < report.top1_survives <= 1")
+
+    def thresholds(self):
+        from quanteval.report.cells import Thresholds
+
+        return Thresholds(survives=self.survives, collapses=self.collapses, kl_survives=self.kl_survives,
+                          kl_collapses=self.kl_collapses, top1_survives=self.top1_survives,
+                          top1_collapses=self.top1_collapses, floor=self.floor, chance=dict(self.chance))
 
 
 @dataclass

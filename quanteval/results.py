@@ -67,7 +67,7 @@ def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -85,7 +85,7 @@ def write_run(path: Path, record: dict) -> None:
 def read_run(path: Path) -> dict:
     """Read one run file; raises ``ValueError`` naming the file when it is not a valid run."""
     try:
-        rec = json.loads(Path(path).read_text())
+        rec = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: unreadable run file ({e})") from e
     if not isinstance(rec, dict) or "run_key" not in rec or "status" not in rec:
@@ -133,17 +133,61 @@ def _flat_row(rec: dict) -> dict:
     return row
 
 
-def load(path: str | os.PathLike) -> "pandas.DataFrame":  # noqa: F821
-    """All runs under ``path`` as a DataFrame, one row per run, metrics as columns.
+ID_COLUMNS = ["run_key", "status", "sweep", "task", "model", "method", "bits", "group_size", "sym", "label",
+              "effective_bits", "model_bytes"]
 
-    Unreadable files are skipped with a warning (the report lists them).
+
+def _items(path: Path, rec: dict) -> list[dict]:
+    name = rec.get("items_file")
+    if not name:
+        return []
+    with open(path.with_name(name), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _item_row(ids: dict, rec: dict, it: dict) -> dict:
+    primary = rec.get("primary_metric")
+    value = (it.get("scores") or {}).get(primary, it.get(primary)) if primary else None
+    tf = it.get("tf") or {}
+    return {**ids, "item_id": str(it.get("id")), "output": str(it.get("output", "")),
+            "primary_metric": primary, "primary_value": None if value is None else float(value),
+            "flip": it.get("flip"), "same_output": it.get("same_output"),
+            "tf_kl_mean": tf.get("kl_mean"), "tf_top1": tf.get("top1"), "tf_tokens": tf.get("n_tokens"),
+            "scores": json.dumps(it.get("scores") or {}, default=str),
+            "tags": json.dumps(it.get("tags") or {}, default=str)}
+
+
+def load(path: str | os.PathLike, table: str = "runs") -> "pandas.DataFrame":  # noqa: F821
+    """Results under ``path`` (a sweep folder or a results root) as a DataFrame.
+
+    ``table="runs"``: one row per run, metrics as columns. ``"metrics"``: tidy, one row per run x
+    metric (``metric``, ``value``), as the report's ``results.csv``. ``"items"``: one row per item of
+    the generative tasks, as the report's ``items.csv``. Unreadable files are skipped with a warning
+    (the report lists them).
     """
     import pandas as pd
 
+    if table not in ("runs", "metrics", "items"):
+        raise ValueError(f"table={table!r}: must be runs, metrics or items")
     rows = []
     for p in run_files(Path(path)):
         try:
-            rows.append(_flat_row(read_run(p)))
+            rec = read_run(p)
         except ValueError as e:
             log.warning("%s", e)
+            continue
+        flat = _flat_row(rec)
+        if table == "runs":
+            rows.append(flat)
+        elif table == "metrics":
+            ids = {k: flat.get(k) for k in ID_COLUMNS}
+            for metric, value in (rec.get("metrics") or {}).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    rows.append({**ids, "metric": metric, "value": float(value)})
+        else:
+            ids = {k: flat.get(k) for k in ID_COLUMNS}
+            try:
+                rows.extend(_item_row(ids, rec, it) for it in _items(p, rec))
+            except (OSError, ValueError) as e:
+                log.warning("%s: unreadable items file (%s)", p, e)
     return pd.DataFrame(rows)

@@ -76,3 +76,13 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600, cli: str = 
     code = f"import sys; sys.argv[0] = {cli!r}; from {module} import main; sys.exit(main())"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=REPO)
+
+
+def load_lm_eval_task(name: str, **metadata):
+    """lm-eval's own task object for ``tasks/<name>.yaml``, loaded through its TaskManager."""
+    from lm_eval.tasks import TaskManager
+
+    from quanteval_tasks import TASK_DIR
+
+    tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata=metadata or None)
+    return tm.load(f"quanteval_{name}")["tasks"][f"quanteval_{name}"]

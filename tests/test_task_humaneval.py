@@ -8,9 +8,10 @@ import os
 
 import pytest
 
+from conftest import load_lm_eval_task
+
 import quanteval.sandbox as sb
 from quanteval.sandbox import SandboxUnavailable, bwrap_path
-from quanteval_tasks import TASK_DIR
 from quanteval_tasks.humaneval import (dataset, doc_to_target, doc_to_text, docs, problems_file,
                                        process_results, program, score_item)
 
@@ -110,10 +111,7 @@ def test_bad_sandbox_value(items, value):
 
 @pytest.fixture(scope="module")
 def lm_eval_task():
-    from lm_eval.tasks import TaskManager
-
-    tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False)
-    return tm.load("quanteval_humaneval")["tasks"]["quanteval_humaneval"]
+    return load_lm_eval_task("humaneval")
 
 
 def test_lm_eval_loads_task(items, lm_eval_task):

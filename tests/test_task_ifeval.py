@@ -12,11 +12,13 @@ import json
 
 import nltk
 import pytest
+
+from conftest import load_lm_eval_task
 from nltk.tokenize.punkt import PunktSentenceTokenizer, PunktTokenizer
 
 from quanteval.data import resolve_data_dir
-from quanteval_tasks import TASK_DIR, ifeval
-from quanteval_tasks.ifeval import (DATA, PUNKT_FILES, agg_inst_level_acc, dataset, doc_to_text, docs,
+from quanteval_tasks import ifeval
+from quanteval_tasks.ifeval import (DATA, agg_inst_level_acc, dataset, doc_to_text, docs,
                                     ensure_punkt, process_results)
 
 # byte sizes of NLTK's own punkt_tab/english files (nltk_data's tokenizers/punkt_tab.zip)
@@ -202,10 +204,7 @@ def test_dataset_ignores_extra_metadata():
 
 @pytest.fixture(scope="module")
 def lm_eval_task():
-    from lm_eval.tasks import TaskManager
-
-    tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False)
-    return tm.load("quanteval_ifeval")["tasks"]["quanteval_ifeval"]
+    return load_lm_eval_task("ifeval")
 
 
 def test_lm_eval_loads_task(items, lm_eval_task):

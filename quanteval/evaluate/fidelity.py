@@ -158,6 +158,7 @@ def compare(model, windows: torch.Tensor, base: BaselineStats) -> dict:
         "per_window": {
             "nll_mean": nll.view(n_win, per).mean(1).tolist(),
             "kl_mean": kl.view(n_win, per).mean(1).tolist(),
+            "same_top1": torch.cat(same_all).double().view(n_win, per).mean(1).tolist(),
         },
     }
 

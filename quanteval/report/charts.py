@@ -1,16 +1,18 @@
-"""PNG charts of quality against effective bits per weight, drawn with matplotlib's Agg canvas.
+"""The report's charts (PNG and SVG), drawn with matplotlib's Agg canvas; one colour per method throughout.
 
-Two charts per (model, task): perplexity vs effective bits and mean KL vs
-effective bits, one line per quantisation method. Figures are drawn on an
-explicit ``FigureCanvasAgg`` so that pyplot and its global backend state are
-never touched, and nothing here imports torch.
+Per model:
 
->>> import pandas as pd, tempfile, pathlib
->>> df = pd.DataFrame({"model": ["m", "m"], "task": ["t", "t"], "status": ["ok", "ok"],
-...                    "method": ["none", "rtn"], "effective_bits": [16.0, 4.5],
-...                    "ppl": [10.0, 12.0], "kl_mean": [0.0, 0.2]})
->>> [c.filename for c in write_charts(df, pathlib.Path(tempfile.mkdtemp()), 0.1, 1.0)]
-['ppl_vs_bits.png', 'kl_vs_bits.png']
+- ``quality__<model>__<task>``: each task's score vs effective bits per weight, one line per method
+  with a 95% CI band (item or window bootstrap), the baseline dashed;
+- ``kl__<model>``: WikiText-2 mean KL vs effective bits (log y), with the verdict thresholds;
+- ``flips__<model>``: flip rate vs effective bits, one panel per task with 0/1 scores;
+- ``pareto__<model>``: mean retained quality (tasks whose baseline is above floor) vs model size in MB,
+  every variant a point, the Pareto frontier drawn through the best;
+- ``arith_steps__<model>``: ``arith_chain`` accuracy vs number of steps, one line per variant;
+- ``gsm8k_kl_pos__<model>``: mean teacher-forced KL by position along the GSM8K reference solutions.
+
+Figures are drawn on an explicit ``FigureCanvasAgg``, so pyplot's global state is never touched, and
+nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -20,107 +22,212 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from quanteval.report.cells import Cell, RunData, Thresholds
+
 log = logging.getLogger(__name__)
 
-# One colour per method across every chart; methods not listed share the fallback cycle.
 METHOD_COLORS = {"none": "#444444", "rtn": "#1f77b4", "gptq": "#ff7f0e", "awq": "#2ca02c"}
 FALLBACK_COLORS = ["#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
-CHART_PREFIXES = ("ppl_vs_bits", "kl_vs_bits")
+BIT_COLORS = {8: "#2ca02c", 4: "#1f77b4", 3: "#ff7f0e", 2: "#d62728"}
 
 
 @dataclass(frozen=True)
 class Chart:
-    """One written chart: its file name (relative to the report folder) and a caption."""
+    """One written chart: its PNG and SVG file names (relative to the report folder) and a caption."""
 
     filename: str
+    svg: str
     caption: str
 
 
-def method_color(method: str, others: list[str]) -> str:
-    """The colour of ``method``; unknown methods take fallback colours in the order of ``others``."""
+def method_color(method: str) -> str:
     if method in METHOD_COLORS:
         return METHOD_COLORS[method]
-    return FALLBACK_COLORS[others.index(method) % len(FALLBACK_COLORS)] if method in others else "#000000"
+    return FALLBACK_COLORS[sum(map(ord, method)) % len(FALLBACK_COLORS)]
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "x"
 
 
-def _save(fig: Figure, path: Path) -> None:
+def _save(fig: Figure, out: Path, stem: str, caption: str, charts: list[Chart]) -> None:
     FigureCanvasAgg(fig)
-    fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
-    log.debug("wrote %s", path)
+    fig.savefig(out / f"{stem}.png", format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(out / f"{stem}.svg", format="svg", bbox_inches="tight")
+    charts.append(Chart(f"{stem}.png", f"{stem}.svg", caption))
 
 
-def _plot_methods(ax, rows: pd.DataFrame, metric: str, others: list[str]) -> None:
-    """One line per method (baseline excluded), points sorted by effective bits."""
-    for method, g in rows[rows["method"] != "none"].groupby("method", sort=True):
-        g = g.sort_values("effective_bits")
-        ax.plot(g["effective_bits"], g[metric], marker="o", label=str(method), color=method_color(method, others))
-
-
-def _ppl_chart(rows: pd.DataFrame, path: Path, title: str, others: list[str]) -> None:
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.add_subplot()
-    _plot_methods(ax, rows, "ppl", others)
-    base = rows.loc[rows["method"] == "none", "ppl"]
-    if len(base):
-        ax.axhline(base.iloc[0], linestyle="--", color=METHOD_COLORS["none"], label=f"baseline ({base.iloc[0]:.3g})")
-    values = rows["ppl"]
-    if values.min() > 0 and values.max() / values.min() > 10:
-        ax.set_yscale("log")
-    ax.set(title=title, xlabel="effective bits per weight", ylabel="perplexity (lower is better)")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    _save(fig, path)
-
-
-def _kl_chart(
-    rows: pd.DataFrame, path: Path, title: str, others: list[str], kl_survives: float, kl_collapses: float
-) -> None:
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.add_subplot()
-    _plot_methods(ax, rows[rows["kl_mean"] > 0], "kl_mean", others)  # log axis: the baseline's KL is 0
-    ax.axhline(kl_survives, linestyle=":", color="#2e7d32", label=f"survives < {kl_survives:g}")
-    ax.axhline(kl_collapses, linestyle=":", color="#c62828", label=f"collapses ≥ {kl_collapses:g}")
-    ax.set_yscale("log")
-    ax.set(title=title, xlabel="effective bits per weight", ylabel="mean KL(baseline ‖ quantised), nats")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    _save(fig, path)
-
-
-def write_charts(df: pd.DataFrame, out_dir: Path, kl_survives: float, kl_collapses: float) -> list[Chart]:
-    """Draw both charts for every (model, task) with data into ``out_dir``; return them in order.
-
-    File names are ``ppl_vs_bits.png`` / ``kl_vs_bits.png`` when the sweep has
-    one model and one task, otherwise the model (and task) names are appended.
-    Charts of earlier builds in ``out_dir`` are removed first.
-    """
-    for prefix in CHART_PREFIXES:
-        for old in out_dir.glob(f"{prefix}*.png"):
-            old.unlink()
-    need = {"status", "model", "task", "method", "effective_bits"}
-    if df.empty or not need <= set(df.columns):
-        return []
-    ok = df[(df["status"] == "ok") & df["effective_bits"].notna()]
-    others = sorted({str(m) for m in ok["method"].dropna()} - set(METHOD_COLORS))
-    several_models, several_tasks = ok["model"].nunique() > 1, ok["task"].nunique() > 1
+def write_charts(cells: list[Cell], runs: list[RunData], out: Path, t: Thresholds) -> list[Chart]:
+    """Every chart with data, in the order the index shows them. Old charts in ``out`` are removed."""
+    for old in list(out.glob("*.png")) + list(out.glob("*.svg")):
+        old.unlink()
     charts: list[Chart] = []
-    for (model, task), rows in ok.groupby(["model", "task"], sort=True, dropna=False):
-        suffix = (f"__{_slug(model)}" if several_models else "") + (f"__{_slug(task)}" if several_tasks else "")
-        title = f"{model} — {task}"
-        if "ppl" in rows and rows["ppl"].notna().any():
-            name = f"ppl_vs_bits{suffix}.png"
-            _ppl_chart(rows[rows["ppl"].notna()], out_dir / name, title, others)
-            charts.append(Chart(name, f"Perplexity vs effective bits: {title}"))
-        if "kl_mean" in rows and (rows["kl_mean"] > 0).any():
-            name = f"kl_vs_bits{suffix}.png"
-            _kl_chart(rows[rows["kl_mean"].notna()], out_dir / name, title, others, kl_survives, kl_collapses)
-            charts.append(Chart(name, f"Mean KL vs effective bits: {title}"))
+    for model in sorted({c.model for c in cells}):
+        mc = [c for c in cells if c.model == model]
+        mruns = [r for r in runs if (r.rec.get("model") or {}).get("name") == model and r.rec.get("status") == "ok"]
+        for task in sorted({c.task for c in mc}):
+            _quality(model, task, [c for c in mc if c.task == task and c.kind == "quality"], out, charts)
+        _kl(model, [c for c in mc if c.row.startswith("wikitext2: mean KL")], out, t, charts)
+        _flips(model, [c for c in mc if c.kind == "quality" and c.flips is not None], out, charts)
+        _pareto(model, mc, out, t, charts)
+        _arith_steps(model, [r for r in mruns if r.rec.get("task") == "arith_chain"], out, charts)
+        _kl_positions(model, [r for r in mruns if r.rec.get("task") == "gsm8k"], out, charts)
     return charts
+
+
+def _lines(ax, cells: list[Cell], y, band=None) -> None:
+    """One line per method through ``y(cell)``, sorted by effective bits, with an optional CI band."""
+    for method in sorted({c.method for c in cells if c.method != "none"}):
+        pts = sorted((c for c in cells if c.method == method and c.effective_bits is not None and y(c) is not None),
+                     key=lambda c: c.effective_bits)
+        if not pts:
+            continue
+        xs = [c.effective_bits for c in pts]
+        ax.plot(xs, [y(c) for c in pts], marker="o", color=method_color(method), label=method)
+        if band:
+            lo_hi = [band(c) for c in pts]
+            if all(b is not None for b in lo_hi):
+                ax.fill_between(xs, [b[0] for b in lo_hi], [b[1] for b in lo_hi], color=method_color(method), alpha=0.15)
+
+
+def _quality(model: str, task: str, cells: list[Cell], out: Path, charts: list[Chart]) -> None:
+    for row in dict.fromkeys(c.row for c in cells):
+        rc = [c for c in cells if c.row == row and c.value is not None]
+        if not any(c.method != "none" for c in rc):
+            continue
+        fig = Figure(figsize=(6.4, 4.2))
+        ax = fig.add_subplot()
+        _lines(ax, rc, lambda c: c.value, lambda c: c.value_ci)
+        base = next((c for c in rc if c.method == "none"), None)
+        if base is not None:
+            ax.axhline(base.value, linestyle="--", color=METHOD_COLORS["none"], label=f"baseline ({base.value:.3g})")
+        metric = row.split(": ", 1)[1]
+        if "perplexity" in metric and min(c.value for c in rc) > 0 and max(c.value for c in rc) / min(c.value for c in rc) > 10:
+            ax.set_yscale("log")
+        ax.set(title=f"{model} — {row}", xlabel="effective bits per weight", ylabel=metric)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        _save(fig, out, f"quality__{_slug(model)}__{_slug(row)}", f"{row} vs effective bits ({model}), 95% CI bands", charts)
+
+
+def _kl(model: str, cells: list[Cell], out: Path, t: Thresholds, charts: list[Chart]) -> None:
+    cells = [c for c in cells if c.method != "none" and c.value and c.value > 0]
+    if not cells:
+        return
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    _lines(ax, cells, lambda c: c.value, lambda c: (max(c.ci[0], 1e-6), c.ci[1]) if c.ci else None)
+    ax.axhline(t.kl_survives, linestyle=":", color="#2e7d32", label=f"survives < {t.kl_survives:g}")
+    ax.axhline(t.kl_collapses, linestyle=":", color="#c62828", label=f"collapses ≥ {t.kl_collapses:g}")
+    ax.set_yscale("log")
+    ax.set(title=f"{model} — WikiText-2 mean KL to the baseline", xlabel="effective bits per weight",
+           ylabel="mean KL(baseline ‖ quantised), nats/token")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, out, f"kl__{_slug(model)}", f"Mean KL vs effective bits ({model}), log scale", charts)
+
+
+def _flips(model: str, cells: list[Cell], out: Path, charts: list[Chart]) -> None:
+    tasks = sorted({c.task for c in cells})
+    if not tasks:
+        return
+    fig = Figure(figsize=(3.2 * len(tasks) + 0.5, 3.6))
+    axes = fig.subplots(1, len(tasks), sharey=True, squeeze=False)[0]
+    for ax, task in zip(axes, tasks):
+        _lines(ax, [c for c in cells if c.task == task], lambda c: c.flips["rate"])
+        ax.set(title=task, xlabel="effective bits")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("flip rate (items whose correctness changed)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{model} — flips against the baseline")
+    _save(fig, out, f"flips__{_slug(model)}", f"Flip rate vs effective bits ({model})", charts)
+
+
+def _pareto(model: str, cells: list[Cell], out: Path, t: Thresholds, charts: list[Chart]) -> None:
+    per_variant: dict[str, list[Cell]] = {}
+    for c in cells:
+        if c.kind == "quality" and c.decides and c.retained is not None and c.method != "none":
+            per_variant.setdefault(c.label, []).append(c)
+    pts = [(vc[0].model_bytes / 1e6, float(np.mean([min(c.retained, 1.5) for c in vc])), vc[0])
+           for vc in per_variant.values() if vc[0].model_bytes]
+    if not pts:
+        return
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    for mb, q, c in pts:
+        ax.scatter(mb, q, color=method_color(c.method), zorder=3)
+        ax.annotate(c.label, (mb, q), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    frontier, best = [], -np.inf
+    for mb, q, _ in sorted(pts, key=lambda p: p[0]):
+        if q > best:
+            frontier.append((mb, q))
+            best = q
+    ax.plot([p[0] for p in frontier], [p[1] for p in frontier], color="#555", linestyle="-", label="Pareto frontier")
+    for method in sorted({c.method for _, _, c in pts}):
+        ax.scatter([], [], color=method_color(method), label=method)
+    ax.axhline(1.0, linestyle="--", color=METHOD_COLORS["none"], label="baseline")
+    ax.axhline(t.survives, linestyle=":", color="#2e7d32", label=f"survives ≥ {t.survives:g}")
+    ax.set(title=f"{model} — quality vs size", xlabel="model size, MB",
+           ylabel="mean retained quality (tasks above floor)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, out, f"pareto__{_slug(model)}", f"Retained quality vs model size with the Pareto frontier ({model})", charts)
+
+
+def _arith_steps(model: str, runs: list[RunData], out: Path, charts: list[Chart]) -> None:
+    series = []
+    for r in runs:
+        by_k = ((r.rec.get("breakdown") or {}).get("k")) or {}
+        primary = r.rec.get("primary_metric")
+        if by_k and primary:
+            ks = sorted(by_k, key=int)
+            series.append((r.rec, [int(k) for k in ks], [by_k[k].get(primary) for k in ks]))
+    if not series:
+        return
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    for rec, ks, acc in sorted(series, key=lambda s: -((s[0].get("compression") or {}).get("effective_bits") or 99)):
+        v = rec.get("variant") or {}
+        color = METHOD_COLORS["none"] if v.get("method") == "none" else BIT_COLORS.get(v.get("bits"), "#9467bd")
+        style = {"none": "--", "rtn": "-", "gptq": "-.", "awq": ":"}.get(v.get("method"), "-")
+        ax.plot(ks, acc, marker="o", color=color, linestyle=style, label=v.get("label"))
+    ax.set(title=f"{model} — arith_chain: does error compound with steps?", xlabel="number of dependent steps k",
+           ylabel="accuracy")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, out, f"arith_steps__{_slug(model)}", f"arith_chain accuracy vs number of steps, per variant ({model})",
+          charts)
+
+
+def _kl_positions(model: str, runs: list[RunData], out: Path, charts: list[Chart]) -> None:
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    drawn = 0
+    for r in sorted(runs, key=lambda r: -((r.rec.get("compression") or {}).get("effective_bits") or 99)):
+        v = r.rec.get("variant") or {}
+        if v.get("method") == "none" or not r.items:
+            continue
+        rows = [it["tf"]["kl_pos"] for it in r.items if it.get("tf") and it["tf"].get("kl_pos")]
+        if not rows:
+            continue
+        n = max(len(x) for x in rows)
+        sums, counts = np.zeros(n), np.zeros(n)
+        for x in rows:
+            sums[: len(x)] += x
+            counts[: len(x)] += 1
+        keep = counts >= max(1, len(rows) // 2)  # positions most references reach
+        ax.plot(np.arange(n)[keep], (sums / np.maximum(counts, 1))[keep], color=method_color(v.get("method")),
+                linestyle={8: ":", 4: "-", 3: "--", 2: "-."}.get(v.get("bits"), "-"), label=v.get("label"))
+        drawn += 1
+    if not drawn:
+        return
+    ax.set_yscale("log")
+    ax.set(title=f"{model} — teacher-forced KL along GSM8K reference solutions", xlabel="token position in the solution",
+           ylabel="mean KL(baseline ‖ quantised), nats")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, out, f"gsm8k_kl_pos__{_slug(model)}", f"Per-position KL along GSM8K reference solutions ({model})", charts)
