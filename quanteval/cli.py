@@ -187,12 +187,18 @@ class ReportCallback(Callback):
         from quanteval.report import build, summary
 
         sweep = Path(config.results_dir).resolve() / config.sweep_name
-        report_cfg = OmegaConf.to_object(config.report) if isinstance(config.report, DictConfig) else config.report
-        report = build(sweep, thresholds=C.ReportConfig(**report_cfg).thresholds())
-        print(summary(report.cells))
-        for w in report.warnings:
-            print(f"quanteval: warning: {w}", file=sys.stderr)
-        print(f"quanteval: report written to {report.index}")
+        try:
+            report_cfg = OmegaConf.to_object(config.report)
+            if not isinstance(report_cfg, C.ReportConfig):
+                report_cfg = C.ReportConfig(**report_cfg)
+            report = build(sweep, thresholds=report_cfg.thresholds())
+        except Exception as e:  # noqa: BLE001 - Hydra would turn it into a warning; the results are kept
+            _FAILED.append(f"report ({_first_line(e)}; rerun quanteval-report {sweep})")
+        else:
+            print(summary(report.cells))
+            for w in report.warnings:
+                print(f"quanteval: warning: {w}", file=sys.stderr)
+            print(f"quanteval: report written to {report.index}")
         if _FAILED:
             print(f"quanteval: {len(_FAILED)} run(s) failed: {'; '.join(_FAILED)}", file=sys.stderr)
 

@@ -82,7 +82,13 @@ def _load_lm_task(name: str, data_root: str, options: tuple):
 
     tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False,
                      metadata={"data_dir": data_root, **dict(options)})
-    loaded = tm.load([lmeval_name(name)])["tasks"]
+    task_log = logging.getLogger("lm_eval.api.task")
+    level = task_log.level
+    task_log.setLevel(logging.ERROR)  # its "custom kwargs can be passed to --metadata" hint is for lm-eval's CLI
+    try:
+        loaded = tm.load([lmeval_name(name)])["tasks"]
+    finally:
+        task_log.setLevel(level)
     return next(iter(loaded.values()))
 
 
@@ -110,9 +116,7 @@ def load_spec(name: str, data_root: Path, limit: int, max_new_tokens: int | None
     gen = dict(task.config.generation_kwargs or {})
     until = gen.get("until") or []
     until = [until] if isinstance(until, str) else list(until)
-    cap = int(gen.get("max_gen_toks", 256))
-    if max_new_tokens:
-        cap = min(cap, int(max_new_tokens)) if max_new_tokens > 0 else cap
+    cap = int(max_new_tokens) if max_new_tokens else int(gen.get("max_gen_toks", 256))  # the preset's cap wins
     return TaskSpec(name, task, module, docs, until, cap, meta)
 
 

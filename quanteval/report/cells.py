@@ -196,6 +196,7 @@ def build_cells(runs: list[RunData], t: Thresholds) -> tuple[list[Cell], list[st
     per_task: dict[tuple[str, str], list[str]] = {}
     for model, task, sig in groups:
         per_task.setdefault((model, task), []).append(sig)
+    sizes = _sizes(runs)
     cells: list[Cell] = []
     for (model, task, sig), members in sorted(groups.items(), key=lambda kv: kv[0][:2]):
         # the settings most runs share keep the plain row name; the others get their own, numbered rows
@@ -209,7 +210,20 @@ def build_cells(runs: list[RunData], t: Thresholds) -> tuple[list[Cell], list[st
             if msg not in warnings:
                 warnings.append(msg)
         cells.extend(_task_cells(model, task, members, t, sig, suffix))
+    for c in cells:  # runs skipped as collapsed carry no compression figures: take their variant's
+        if c.effective_bits is None and (c.model, c.label) in sizes:
+            c.effective_bits, c.model_bytes = sizes[(c.model, c.label)]
     return cells, warnings
+
+
+def _sizes(runs: list[RunData]) -> dict[tuple[str, str], tuple[float, int]]:
+    out = {}
+    for r in runs:
+        c, v = r.rec.get("compression") or {}, r.rec.get("variant") or {}
+        if c.get("effective_bits") is not None:
+            out[((r.rec.get("model") or {}).get("name") or "?", v.get("label") or "?")] = (
+                c["effective_bits"], c.get("model_bytes"))
+    return out
 
 
 def _variant(rec: dict) -> dict:
@@ -240,7 +254,11 @@ def _rows(task: str, rec: dict, base: Optional[dict]) -> list[tuple[str, str, bo
                 ("wikitext2: same top-1", "top1", False)]
     primary = rec.get("primary_metric") or (base or {}).get("primary_metric")
     if primary:
-        return [(f"{task}: {primary}", "quality", True), (f"{task}: teacher-forced KL", "kl", False)]
+        # a primary that only measures agreement with the baseline's answer (mt_bench's ROUGE-L to it) is not
+        # quality: free-form answers diverge after a few tokens even at 8 bits, so teacher-forced KL decides
+        agreement_only = primary.endswith("_vs_base")
+        return [(f"{task}: {primary}", "quality", not agreement_only),
+                (f"{task}: teacher-forced KL", "kl", agreement_only)]
     metrics = (rec.get("metrics") or (base or {}).get("metrics") or {})
     first = next((k for k in metrics if k not in ("n_items",)), None)
     return [(f"{task}: {first}", "quality", True)] if first else []
