@@ -5,7 +5,8 @@ A small sweep on the tiny model, with a hostile generation planted in one run's 
 matrix must have one cell per row x variant, and the planted markup must not execute.
 
 Chromium comes from Debian's ``chromium`` package (``.ci/run`` installs it). Without it the test is
-skipped with the reason, unless ``QUANTEVAL_REQUIRE_BROWSER=1`` (set by ``.ci/run``), where it fails.
+skipped with the reason, unless ``QUANTEVAL_REQUIRE_BROWSER=1`` (which ``.ci/run`` sets once chromium
+is installed), where it fails.
 """
 
 from __future__ import annotations
