@@ -28,7 +28,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 
 from quanteval import results
 from quanteval.report.cells import KINDS, Cell, RunData, Thresholds, build_cells, load_items, recommend
