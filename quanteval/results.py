@@ -137,20 +137,34 @@ ID_COLUMNS = ["run_key", "status", "sweep", "task", "model", "method", "bits", "
               "effective_bits", "model_bytes"]
 
 
-def _items(path: Path, rec: dict) -> list[dict]:
-    name = rec.get("items_file")
-    if not name:
-        return []
-    with open(path.with_name(name), encoding="utf-8") as f:
+def read_items(path: Path) -> list[dict]:
+    """The per-item records of a ``*.items.jsonl`` file."""
+    with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def run_items(run_file: Path, rec: dict) -> list[dict] | None:
+    """The per-item records beside a run file, or None when the run has none."""
+    name = rec.get("items_file")
+    return read_items(Path(run_file).with_name(name)) if name else None
+
+
+def primary_value(item: dict, primary: str | None) -> float | None:
+    """An item's primary metric (a task score, or a comparison with the baseline such as mt_bench's); None if absent."""
+    if not primary:
+        return None
+    v = (item.get("scores") or {}).get(primary, item.get(primary))
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
 
 
 def _item_row(ids: dict, rec: dict, it: dict) -> dict:
     primary = rec.get("primary_metric")
-    value = (it.get("scores") or {}).get(primary, it.get(primary)) if primary else None
     tf = it.get("tf") or {}
     return {**ids, "item_id": str(it.get("id")), "output": str(it.get("output", "")),
-            "primary_metric": primary, "primary_value": None if value is None else float(value),
+            "primary_metric": primary, "primary_value": primary_value(it, primary),
             "flip": it.get("flip"), "same_output": it.get("same_output"),
             "tf_kl_mean": tf.get("kl_mean"), "tf_top1": tf.get("top1"), "tf_tokens": tf.get("n_tokens"),
             "scores": json.dumps(it.get("scores") or {}, default=str),
@@ -187,7 +201,7 @@ def load(path: str | os.PathLike, table: str = "runs") -> "pandas.DataFrame":  #
         else:
             ids = {k: flat.get(k) for k in ID_COLUMNS}
             try:
-                rows.extend(_item_row(ids, rec, it) for it in _items(p, rec))
+                rows.extend(_item_row(ids, rec, it) for it in run_items(p, rec) or [])
             except (OSError, ValueError) as e:
                 log.warning("%s: unreadable items file (%s)", p, e)
     return pd.DataFrame(rows)

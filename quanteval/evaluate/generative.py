@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from quanteval import results
+from quanteval.results import primary_value, read_items  # noqa: F401 - read_items: part of this module's API
 
 log = logging.getLogger(__name__)
 
@@ -213,14 +214,8 @@ def mcnemar_exact(lost: int, gained: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def primary_value(item: dict, primary: str) -> float:
-    """An item's primary metric: a task score, or a comparison with the baseline (mt_bench)."""
-    v = item["scores"][primary] if primary in item["scores"] else item[primary]
-    return float(v)
-
-
 def correct(item: dict, primary: str) -> bool:
-    return primary_value(item, primary) >= 0.5
+    return (primary_value(item, primary) or 0.0) >= 0.5
 
 
 @lru_cache(maxsize=1)
@@ -295,11 +290,6 @@ def _num(s: str):
 
 def write_items(path: Path, items: list[dict]) -> None:
     results.write_atomic(path, "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
-
-
-def read_items(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 class GenerativeTask:

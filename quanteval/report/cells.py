@@ -41,6 +41,8 @@ from typing import Optional
 
 import numpy as np
 
+from quanteval.results import primary_value, run_items
+
 log = logging.getLogger(__name__)
 
 KINDS = {  # kinds of work -> tasks, for the recommendation
@@ -157,14 +159,6 @@ def _signature(rec: dict) -> str:
     return json.dumps({"task": task, "preset": s.get("preset"), "model": s.get("model")}, sort_keys=True, default=str)
 
 
-def _primary_value(item: dict, primary: str) -> Optional[float]:
-    v = (item.get("scores") or {}).get(primary, item.get(primary))
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
-
-
 @dataclass
 class RunData:
     rec: dict
@@ -173,15 +167,10 @@ class RunData:
 
 
 def load_items(run_file: Path, rec: dict) -> Optional[list[dict]]:
-    name = rec.get("items_file")
-    if not name:
-        return None
-    path = run_file.with_name(name)
     try:
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return run_items(run_file, rec)
     except (OSError, ValueError) as e:
-        log.warning("%s: unreadable items file (%s)", path, e)
+        log.warning("%s: unreadable items file (%s)", run_file, e)
         return None
 
 
@@ -348,7 +337,7 @@ def _fill_items(cell: Cell, r: RunData, base: RunData, t: Thresholds) -> None:
     if cell.value is None or cell.base_value is None:
         return
     if primary and items:
-        qa = np.asarray([_primary_value(it, primary) for it in items], dtype=float)
+        qa = np.asarray([primary_value(it, primary) for it in items], dtype=float)
         if np.isfinite(qa).all():
             cell.value_ci = _bootstrap(len(qa), lambda i: float(qa[i].mean()), t.n_boot)
     if cell.base_value - chance <= t.floor:
@@ -357,8 +346,8 @@ def _fill_items(cell: Cell, r: RunData, base: RunData, t: Thresholds) -> None:
         return
     cell.retained = (cell.value - chance) / (cell.base_value - chance)
     if primary and pairs:
-        q = np.asarray([_primary_value(it, primary) for it, _ in pairs], dtype=float)
-        b = np.asarray([_primary_value(bi, primary) for _, bi in pairs], dtype=float)
+        q = np.asarray([primary_value(it, primary) for it, _ in pairs], dtype=float)
+        b = np.asarray([primary_value(bi, primary) for _, bi in pairs], dtype=float)
         if np.isfinite(q).all() and np.isfinite(b).all():
             cell.ci = _bootstrap(len(q), lambda i: retained_ratio(q[i], b[i], chance), t.n_boot)
     cell.verdict = label_high(cell.retained, cell.ci, t.survives, t.collapses)

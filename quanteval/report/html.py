@@ -332,16 +332,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "x"
 
 
-def _primary(item: dict, primary: str | None):
-    if not primary:
-        return None
-    v = (item.get("scores") or {}).get(primary, item.get(primary))
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
-
-
 def write_item_pages(out: Path, runs: list[RunData]) -> dict[tuple[str, str, str], str]:
     """One page per (model, task, variant) with items; returns their relative links."""
     pages: dict[tuple[str, str, str], str] = {}
@@ -373,7 +363,7 @@ def _item_page(rec: dict, items: list[dict], base_items: list[dict] | None, mode
     rows = []
     for it in items:
         b = by_id.get(it.get("id"), {})
-        q = _primary(it, primary)
+        q = results.primary_value(it, primary)
         failed = q is not None and q < 0.5 and (rec.get("metrics") or {}).get("flips_lost") is not None
         reason = (it.get("extra") or {}).get("reason")
         flip = it.get("flip") or ""
