@@ -11,6 +11,7 @@ the report when the sweep ends.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -21,6 +22,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from quanteval import config as C
+from quanteval.results import WriteError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "method", "task", "preset")
@@ -66,12 +68,29 @@ def _check_group_values(overrides: list[str]) -> None:
                 raise UsageError(f"{key}={v.strip()}: unknown {key}; choose one of: {', '.join(_choices(key))}")
 
 
+LAUNCHER_PLUGINS = {  # hydra/launcher=<name>: (plugin module, pip extra)
+    "slurm": ("hydra_plugins.hydra_submitit_launcher", "quanteval[cluster]"),
+    "local": ("hydra_plugins.hydra_submitit_launcher", "quanteval[cluster]"),
+    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "quanteval[cluster]"),
+    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "quanteval[cluster]"),
+}
+
+
 def _check_launcher(overrides: list[str]) -> None:
+    """A launcher whose Hydra plugin is not installed: one line naming the extra to install."""
     import importlib.util
 
     for ov in overrides:
-        if ov.startswith("hydra/launcher=submitit") and importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
-            raise UsageError(f"{ov}: hydra-submitit-launcher is not installed; pip install 'quanteval[cluster]'")
+        key, _, value = ov.partition("=")
+        if key.lstrip("+~") != "hydra/launcher" or value not in LAUNCHER_PLUGINS:
+            continue
+        module, extra = LAUNCHER_PLUGINS[value]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            raise UsageError(f"{ov}: Hydra's launcher plugin is not installed; pip install '{extra}'")
 
 
 def to_run_config(cfg: DictConfig) -> C.RunConfig:
@@ -95,9 +114,10 @@ def _first_line(e: BaseException) -> str:
     return msg
 
 
-def expand_grid(overrides: list[str]) -> tuple[list[list[str]], int, str]:
+def expand_grid(overrides: list[str]) -> tuple[list[list[str]], list[C.RunConfig], int, str]:
     """The job overrides the sweep will launch (config's sweeper params, then the command line),
-    each composed and validated; how many the preset's grid keeps; and the sweep's ``results_dir``."""
+    each composed and validated; their run configs; how many distinct runs the preset's grid keeps;
+    and the sweep's ``results_dir``."""
     from quanteval.results import run_key
     from quanteval.sweep import preset_skips, run_settings
 
@@ -123,7 +143,7 @@ def expand_grid(overrides: list[str]) -> tuple[list[list[str]], int, str]:
         jobs = BasicSweeper.split_arguments(parsed, None)[0]
         results_dir = str(master.results_dir)
         user_bits = any(o.key_or_group == "bits" for o in parsed_cli)
-        to_run = set()
+        to_run, cfgs = set(), []
         for job in jobs:
             try:
                 job_cfg = compose("config", overrides=list(job))
@@ -132,10 +152,11 @@ def expand_grid(overrides: list[str]) -> tuple[list[list[str]], int, str]:
             run_cfg = to_run_config(job_cfg)
             _check_inputs(run_cfg)
             run_cfg.use_preset_grid = not user_bits
+            cfgs.append(run_cfg)
             if preset_skips(run_cfg) is None:
                 to_run.add(run_key(run_settings(run_cfg)))  # the baseline's key ignores bits: counted once
     GlobalHydra.instance().clear()
-    return jobs, len(to_run), results_dir
+    return jobs, cfgs, len(to_run), results_dir
 
 
 def _check_inputs(cfg: C.RunConfig) -> None:
@@ -186,6 +207,8 @@ class ReportCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         from quanteval.report import build, summary
 
+        if "bar" in _BAR:
+            _BAR.pop("bar").close()
         sweep = Path(config.results_dir).resolve() / config.sweep_name
         try:
             report_cfg = OmegaConf.to_object(config.report)
@@ -203,12 +226,39 @@ class ReportCallback(Callback):
             print(f"quanteval: {len(_FAILED)} run(s) failed: {'; '.join(_FAILED)}", file=sys.stderr)
 
 
+_BAR: dict = {}
+
+
+def _progress(record: dict) -> None:
+    """Advance the sweep's progress bar (runs done of the grid's distinct runs, with time left).
+
+    Only in the process that launched the sweep: jobs on a cluster run elsewhere, and report in
+    their own logs."""
+    pid, _, total = os.environ.get("QUANTEVAL_SWEEP_RUNS", "").partition(":")
+    key = record.get("run_key")
+    if not total or pid != str(os.getpid()) or key is None:
+        return
+    from tqdm.auto import tqdm
+
+    if "bar" not in _BAR:
+        _BAR.update(bar=tqdm(total=int(total), desc="sweep", unit="run", position=0), seen=set())
+    if key not in _BAR["seen"]:
+        _BAR["seen"].add(key)
+        _BAR["bar"].update(1)
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _job(cfg: DictConfig) -> None:
     from quanteval.sweep import run_job
 
     run_cfg = to_run_config(cfg)
-    record = run_job(run_cfg)
+    try:
+        record = run_job(run_cfg)
+    except WriteError as e:  # e.g. a full disk: nothing half-written; the next job may have room again
+        log.error("%s", e)
+        _FAILED.append(f"{run_cfg.task.name} {run_cfg.variant()['label']} ({e})")
+        return
+    _progress(record)
     if record["status"] == "failed":
         label = f"{run_cfg.task.name} {run_cfg.variant()['label']} ({record.get('error')})"
         if label not in _FAILED:  # the same run reached twice (e.g. the baseline under each bits value)
@@ -218,16 +268,29 @@ def _job(cfg: DictConfig) -> None:
 def main() -> None:
     """Console entry point: validate the whole grid, then hand over to Hydra."""
     args = sys.argv[1:]
+    plan = [a for a in args if a.split("=", 1)[0] == "plan"]
+    if plan:  # plan=true: print what the sweep would do, run nothing
+        args = [a for a in args if a not in plan]
+        sys.argv = sys.argv[:1] + args
     if not any(a.startswith("-") for a in args):  # --help, --cfg, -m ... go straight to Hydra
         try:
+            if plan and plan[-1].split("=", 1)[1].lower() not in ("true", "false"):
+                raise UsageError(f"{plan[-1]}: plan must be true or false")
             _check_group_values(args)
-            _check_launcher(args)
-            jobs, n_run, results_dir = expand_grid(args)
+            if not plan:
+                _check_launcher(args)
+            jobs, cfgs, n_run, results_dir = expand_grid(args)
         except UsageError as e:
             print(f"quanteval: error: {e}", file=sys.stderr)
             sys.exit(2)
+        if plan and plan[-1].split("=", 1)[1].lower() == "true":
+            from quanteval.plan import plan as make_plan
+
+            print(make_plan(cfgs))
+            return
         print(f"quanteval: {len(jobs)} job(s) validated: {n_run} distinct run(s) in this preset's grid",
               file=sys.stderr)
+        os.environ["QUANTEVAL_SWEEP_RUNS"] = f"{os.getpid()}:{n_run}"  # the in-process sweep's progress bar
         if any(a.split("=", 1)[0].lstrip("+~") == "bits" for a in args):
             sys.argv.append("use_preset_grid=false")  # the user chose the bits: run exactly those
         if not Path(results_dir).is_absolute():  # jobs on a cluster start in other directories

@@ -185,17 +185,24 @@ class PresetConfig:
     method_bits: dict[str, list[int]] = field(default_factory=dict)
     limits: dict[str, int] = field(default_factory=dict)  # items per generative task (arith_chain: per k)
     max_new_tokens: dict[str, int] = field(default_factory=dict)  # token cap per generative task
-    gen_batch_size: int = 16  # sequences generated together
+    # sequences generated together: "auto" sizes it from free memory (quanteval.generate.auto_batch_size);
+    # greedy outputs do not depend on it, so it is not part of a run's key
+    gen_batch_size: str = "auto"
 
     def __post_init__(self) -> None:
         for group in ("limits", "max_new_tokens"):
             for k, v in getattr(self, group).items():
                 _check(isinstance(v, int) and v > 0, f"preset.{group}.{k}={v}: must be a positive integer")
-        _check(self.gen_batch_size > 0, f"preset.gen_batch_size={self.gen_batch_size}: must be positive")
+        _check(self.gen_batch_size == "auto" or (self.gen_batch_size.isdigit() and int(self.gen_batch_size) > 0),
+               f"preset.gen_batch_size={self.gen_batch_size}: must be 'auto' or a positive integer")
         for k in ("n_windows", "seq_len", "calib_samples", "calib_seq_len"):
             v = getattr(self, k)
             _check(isinstance(v, int) and v > 0, f"preset.{k}={v}: must be a positive integer")
         _check(self.seq_len >= 2, f"preset.seq_len={self.seq_len}: must be >= 2")
+
+    def batch_size(self) -> int | str:
+        """``gen_batch_size`` as ``generate`` takes it: an int, or "auto"."""
+        return "auto" if self.gen_batch_size == "auto" else int(self.gen_batch_size)
 
 
 @dataclass

@@ -1,10 +1,19 @@
 """Batched greedy generation with stop strings, for the generative tasks.
 
-Written here rather than calling ``model.generate``: a finished sequence
-leaves the batch at once (its rows are dropped from the KV cache), where
-``generate`` keeps computing padding for it until the longest one ends. On a
-CPU that is most of the cost of instruction-following and chat tasks, whose
-answers range from a line to the token cap.
+Written here rather than calling ``model.generate`` (or lm-eval's HFLM, which
+calls it) because three things ``generate`` does not do are most of the cost
+of generation on a CPU (``benchmarks/b2_generation.py`` measures it):
+
+- **finished sequences leave the batch at once** (their rows are dropped
+  from the KV cache), where ``generate`` computes padding for them until the
+  longest one ends;
+- **the batch is refilled**: when a quarter of the rows have finished, the
+  next prompts are prefilled and merged into the running batch (continuous
+  batching), so the batch stays full until the queue is empty;
+- **the KV cache grows in place**: keys and values live in buffers with spare
+  capacity (``_GrowingLayer``), so a step writes one position instead of
+  copying the whole cache (``DynamicCache`` appends with ``torch.cat``, which
+  costs a fifth of a decode step at 300 tokens).
 
 Semantics (those of lm-eval's ``HFLM.generate_until``, so scores match):
 
@@ -17,8 +26,16 @@ Semantics (those of lm-eval's ``HFLM.generate_until``, so scores match):
   tokens decoded *with* special tokens (so a stop string may be a special
   token such as ``<|im_end|>``); the returned text is decoded without special
   tokens and cut before the first stop string;
-- prompts are sorted by length and left-padded, with position ids that
-  skip the padding, so padding changes nothing but float rounding.
+- prompts are sorted by length (longest first) and left-padded, with
+  position ids that skip the padding; a merged row's cache is left-padded
+  with zeros that the attention mask hides. Padding changes nothing but
+  float rounding: ``tests/test_generate.py`` checks the tokens against
+  unbatched ``model.generate`` and counts the steps where the top two logits
+  were within 1e-4 (numerical ties, the only allowed difference).
+
+``batch_size="auto"`` sizes the batch from the KV cache each row needs and the
+memory free on the device (``auto_batch_size``); on CUDA an out-of-memory
+error halves it and retries.
 
 Text is decoded with ``skip_special_tokens=True``; bytes that are not valid
 UTF-8 (a byte-level BPE model can emit half a character) come back as
@@ -28,18 +45,31 @@ U+FFFD, so every output is a valid ``str`` that can be stored and scored.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+import logging
+import os
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+log = logging.getLogger(__name__)
+
+CPU_MAX_BATCH = 32  # a 2-core CPU gains little past this (tokens/s: bs 8 ~41, 16 ~66, 32 ~83 on SmolLM2)
+CUDA_MAX_BATCH = 256
+
 
 @dataclass
 class Generation:
+    """One continuation.
+
+    >>> g = Generation("4", n_tokens=2, finish="eos", tokens=[19, 2])
+    """
+
     text: str  # decoded continuation, cut before the first stop string
     n_tokens: int  # tokens generated (including the one that completed a stop string or EOS)
     finish: str  # "eos" | "stop" | "length"
+    tokens: list[int] = field(default_factory=list, repr=False)  # the generated ids, n_tokens of them
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -62,77 +92,251 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+# ---------------------------------------------------------------- KV cache that grows in place
+
+try:
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+except ImportError:  # pragma: no cover - older transformers: the model's own cache is used
+    DynamicCache = DynamicLayer = None
+
+
+if DynamicLayer is not None:
+
+    class _GrowingLayer(DynamicLayer):
+        """A full-attention layer's keys/values as views ``[:, :, :n]`` of buffers with spare capacity."""
+
+        def __init__(self, reserve: int):
+            super().__init__()
+            self.reserve = reserve  # positions allocated beyond the current length when the buffer grows
+            self._k = self._v = None  # (B, H, capacity, D)
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n = self.get_seq_length()
+            m = n + key_states.shape[-2]
+            if self._k is None or m > self._k.shape[-2]:
+                self._reallocate(key_states, m + self.reserve, n)
+            self._k[:, :, n:m] = key_states  # (B, H, new, D)
+            self._v[:, :, n:m] = value_states
+            self.keys, self.values = self._k[:, :, :m], self._v[:, :, :m]
+            return self.keys, self.values
+
+        def _reallocate(self, like: torch.Tensor, capacity: int, n: int) -> None:
+            b, h, _, d = like.shape
+            k, v = like.new_zeros(b, h, capacity, d), like.new_zeros(b, h, capacity, d)
+            if n:
+                k[:, :, :n], v[:, :, :n] = self.keys, self.values
+            self._k, self._v = k, v
+
+        def set(self, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
+            """Adopt buffers ``k, v`` (B, H, capacity, D) whose first ``n`` positions are filled."""
+            self._k, self._v = k, v
+            self.keys, self.values = k[:, :, :n], v[:, :, :n]
+            self.is_initialized = True
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            n = self.get_seq_length()
+            if self._k is not None:
+                self.set(self._k[indices], self._v[indices], n)
+
+        def reset(self) -> None:
+            self._k = self._v = None
+            super().reset()
+
+
+def _growing_cache(model, reserve: int):
+    """A ``DynamicCache`` whose layers all grow in place, or None when the model has other layer kinds
+    (sliding-window layers keep only a window, so rows of different lengths cannot be merged)."""
+    if DynamicCache is None:
+        return None
+    try:
+        cache = DynamicCache(config=model.config)
+    except TypeError:  # pragma: no cover - a transformers without config-aware caches
+        return None
+    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    cache.layers = [_GrowingLayer(reserve) for _ in cache.layers]
+    return cache
+
+
+def _merge(cache_a, mask_a: torch.Tensor, cache_b, mask_b: torch.Tensor, reserve: int) -> torch.Tensor:
+    """Append ``cache_b``'s rows to ``cache_a`` (in place), left-padding the shorter; returns the merged mask."""
+    wa, wb = mask_a.shape[1], mask_b.shape[1]
+    w = max(wa, wb)
+    for la, lb in zip(cache_a.layers, cache_b.layers):
+        ka, kb = la.keys, lb.keys  # (Ba, H, wa, D), (Bb, H, wb, D)
+        shape = (ka.shape[0] + kb.shape[0], ka.shape[1], w + reserve, ka.shape[3])
+        k, v = ka.new_zeros(shape), ka.new_zeros(shape)
+        k[: ka.shape[0], :, w - wa : w], v[: ka.shape[0], :, w - wa : w] = ka, la.values
+        k[ka.shape[0] :, :, w - wb : w], v[ka.shape[0] :, :, w - wb : w] = kb, lb.values
+        la.set(k, v, w)
+    pad = lambda m: torch.cat([m.new_zeros(m.shape[0], w - m.shape[1]), m], dim=1)  # noqa: E731
+    return torch.cat([pad(mask_a), pad(mask_b)], dim=0)
+
+
+# ---------------------------------------------------------------- batch size
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of KV cache one token takes, from the model's config."""
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    itemsize = next(model.parameters()).element_size()
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * itemsize
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def auto_batch_size(model, n_prompts: int, max_len: int, free_bytes: int | None = None) -> int:
+    """The batch the free memory holds: each row needs its KV cache for ``max_len`` tokens (prompt +
+    cap, twice over while a refill merges) plus a prefill's activations; half the free memory is used.
+    Capped at ``CPU_MAX_BATCH`` / ``CUDA_MAX_BATCH`` and at the number of prompts.
+
+    >>> # a row of 1 000 tokens at 100 kB/token is 0.3 GB with the margins: 4 GB free holds 6
+    """
+    device = next(model.parameters()).device
+    free = _free_bytes(device) if free_bytes is None else free_bytes
+    hidden = model.config.get_text_config(decoder=True).hidden_size if hasattr(model.config, "get_text_config") \
+        else model.config.hidden_size
+    per_row = 2 * kv_bytes_per_token(model) * max_len + 16 * hidden * max_len * 4
+    cap = CUDA_MAX_BATCH if device.type == "cuda" else CPU_MAX_BATCH
+    return max(1, min(cap, n_prompts, int(free * 0.5) // max(per_row, 1)))
+
+
+# ---------------------------------------------------------------- generation
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = (),
-             batch_size: int = 16, add_special_tokens: bool = False, desc: str = "generate") -> list[Generation]:
-    """Greedy continuations of ``prompts`` (in their order); see the module docstring."""
+             batch_size: int | str = "auto", add_special_tokens: bool = False,
+             desc: str = "generate") -> list[Generation]:
+    """Greedy continuations of ``prompts`` (in their order); see the module docstring.
+
+    >>> gens = generate(model, tok, ["Q: 2+2?\\nA:"], max_new_tokens=8, stop=["\\n"])  # doctest: +SKIP
+    >>> gens[0].text, gens[0].finish  # doctest: +SKIP
+    (' 4', 'stop')
+    """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
-    device = next(model.parameters()).device
+    if not prompts:
+        return []
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    out: list[Generation | None] = [None] * len(prompts)
-    eos = _eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos) if eos else 0)
-    cache_kw = _cache_kwarg(model)
-    bar = tqdm(total=len(prompts), desc=desc, leave=False, unit="item")
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        for i, g in zip(idx, _generate_batch(model, tokenizer, [encoded[i] for i in idx], max_new_tokens,
-                                             stop, eos, pad, device, cache_kw)):
-            out[i] = g
-        bar.update(len(idx))
-    bar.close()
-    return out  # type: ignore[return-value]
+    if batch_size == "auto":
+        bs = auto_batch_size(model, len(prompts), max(map(len, encoded)) + max_new_tokens)
+    elif isinstance(batch_size, int) and batch_size >= 1:
+        bs = batch_size
+    else:
+        raise ValueError(f"batch_size={batch_size!r}: must be a positive integer or 'auto'")
+    while True:
+        try:
+            return _Engine(model, tokenizer, encoded, max_new_tokens, stop, bs, desc).run()
+        except torch.cuda.OutOfMemoryError:
+            if bs == 1:
+                raise
+            torch.cuda.empty_cache()
+            log.warning("generation ran out of GPU memory at batch size %d: retrying at %d", bs, bs // 2)
+            bs //= 2
 
 
-def _generate_batch(model, tokenizer, seqs, max_new_tokens, stop, eos, pad, device, cache_kw):
-    n, width = len(seqs), max(len(x) for x in seqs)
-    ids = torch.full((n, width), pad, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for r, x in enumerate(seqs):  # left padding
-        ids[r, width - len(x):] = torch.tensor(x, dtype=torch.long)
-        mask[r, width - len(x):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache = getattr(out, "cache", None) or out.past_key_values
-    alive = list(range(n))  # original row of each row still in the batch
-    new_tokens: list[list[int]] = [[] for _ in range(n)]
-    results: list[Generation | None] = [None] * n
-    next_pos = pos[:, -1:] + 1
-    window = max((len(x) for x in stop), default=0) + 8  # tokens decoded to look for a stop string
-    logits = out.logits[:, -1]
-    for step in range(max_new_tokens):
-        nxt = logits.argmax(-1)  # (alive,)
-        keep = []
-        for j, r in enumerate(alive):
-            t = int(nxt[j])
-            new_tokens[r].append(t)
-            finish = None
-            if t in eos:
-                finish = "eos"
-            elif stop and _cut(tokenizer.decode(new_tokens[r][-window:], skip_special_tokens=False), stop)[1]:
-                finish = "stop"  # checked with special tokens kept: a stop string may be one (e.g. "<|im_end|>")
-            elif step + 1 == max_new_tokens:
-                finish = "length"
-            if finish is None:
-                keep.append(j)
-            else:
-                toks = new_tokens[r][:-1] if finish == "eos" else new_tokens[r]
-                text, _ = _cut(tokenizer.decode(toks, skip_special_tokens=True), stop)
-                results[r] = Generation(text, len(new_tokens[r]), finish)
-        if not keep:
-            break
-        if len(keep) < len(alive):
-            sel = torch.tensor(keep, device=device)
-            cache.batch_select_indices(sel)
-            mask, next_pos, nxt = mask[sel], next_pos[sel], nxt[sel]
-            alive = [alive[j] for j in keep]
-        mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
-                    logits_to_keep=1, **{cache_kw: cache})
+class _Engine:
+    """One ``generate`` call: a queue of prompts, a running batch, refills (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, encoded, max_new_tokens, stop, batch_size, desc):
+        self.model, self.tok, self.encoded = model, tokenizer, encoded
+        self.max_new, self.stop, self.bs = max_new_tokens, list(stop), batch_size
+        self.device = next(model.parameters()).device
+        self.eos = _eos_ids(model, tokenizer)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(self.eos) if self.eos else 0)
+        self.cache_kw = _cache_kwarg(model)
+        self.window = max((len(x) for x in stop), default=0) + 8  # tokens decoded to look for a stop string
+        self.queue = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first
+        self.out: list[Generation | None] = [None] * len(encoded)
+        self.bar = tqdm(total=len(encoded), desc=desc, leave=False, unit="item")
+
+    def run(self) -> list[Generation]:
+        refill_at = max(1, self.bs // 4)  # free rows that trigger a refill (fewer refills, fuller prefills)
+        rows, cache, mask, pos, logits = self._prefill(self._take(self.bs))
+        tokens: dict[int, list[int]] = {r: [] for r in rows}
+        while rows:
+            nxt = logits.argmax(-1)  # (alive,)
+            keep = []
+            for j, r in enumerate(rows):
+                t = int(nxt[j])
+                tokens[r].append(t)
+                if not self._finished(r, tokens[r]):
+                    keep.append(j)
+            if len(keep) < len(rows):
+                sel = torch.tensor(keep, device=self.device, dtype=torch.long)
+                if keep:
+                    cache.batch_select_indices(sel)
+                rows, mask, pos, nxt = [rows[j] for j in keep], mask[sel], pos[sel], nxt[sel]
+            logits = None
+            if rows:
+                mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+                out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
+                                 logits_to_keep=1, **{self.cache_kw: cache})
+                cache = getattr(out, "cache", None) or out.past_key_values
+                pos = pos + 1
+                logits = out.logits[:, -1]
+            free = self.bs - len(rows)
+            if self.queue and (not rows or (free >= refill_at and isinstance(cache.layers[0], _GrowingLayer))):
+                new_rows, c2, m2, p2, l2 = self._prefill(self._take(free))
+                tokens.update({r: [] for r in new_rows})
+                if rows:
+                    mask = _merge(cache, mask, c2, m2, self.max_new)
+                    rows, pos, logits = rows + new_rows, torch.cat([pos, p2]), torch.cat([logits, l2])
+                else:
+                    rows, cache, mask, pos, logits = new_rows, c2, m2, p2, l2
+        self.bar.close()
+        return self.out  # type: ignore[return-value]
+
+    def _take(self, n: int) -> list[int]:
+        taken, self.queue = self.queue[:n], self.queue[n:]
+        return taken
+
+    def _prefill(self, rows: list[int]):
+        """Left-padded prefill of ``rows``' prompts: (rows, cache, mask, next positions, last logits)."""
+        seqs = [self.encoded[r] for r in rows]
+        n, width = len(seqs), max(len(x) for x in seqs)
+        ids = torch.full((n, width), self.pad, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, x in enumerate(seqs):  # left padding
+            ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
+            mask[i, width - len(x):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(1) - 1).clamp(min=0)  # (n, width): position ids that skip the padding
+        cache = _growing_cache(self.model, self.max_new)
+        kwargs = {self.cache_kw: cache} if cache is not None else {}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                         **kwargs)
         cache = getattr(out, "cache", None) or out.past_key_values
-        next_pos = next_pos + 1
-        logits = out.logits[:, -1]
-    return results
+        return rows, cache, mask, pos[:, -1:] + 1, out.logits[:, -1]
+
+    def _finished(self, r: int, toks: list[int]) -> bool:
+        """Record row ``r``'s generation if its last token ends it."""
+        t, finish = toks[-1], None
+        if t in self.eos:
+            finish = "eos"
+        elif self.stop and _cut(self.tok.decode(toks[-self.window:], skip_special_tokens=False), self.stop)[1]:
+            finish = "stop"  # checked with special tokens kept: a stop string may be one (e.g. "<|im_end|>")
+        elif len(toks) == self.max_new:
+            finish = "length"
+        if finish is None:
+            return False
+        kept = toks[:-1] if finish == "eos" else toks
+        text, _ = _cut(self.tok.decode(kept, skip_special_tokens=True), self.stop)
+        self.out[r] = Generation(text, len(toks), finish, list(toks))
+        self.bar.update(1)
+        return True

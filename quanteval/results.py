@@ -27,6 +27,7 @@ without it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -35,7 +36,7 @@ import subprocess
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)
@@ -62,19 +63,50 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
+class WriteError(OSError):
+    """A result or cache file could not be written (disk full, read-only, ...); the old file is intact."""
+
+
+def save_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Create ``path`` by ``write(tmp)`` to a temporary file in the same folder, then a rename.
+
+    A reader sees the old file or the new one, never half of one: a job killed mid-write (even by
+    ``kill -9``) leaves only a ``.<name>.*.tmp`` file, which nothing reads. A failed write (a full
+    disk) removes the temporary file and raises ``WriteError`` in one line naming ``path``.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, WriteError):
+            raise
+        what = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        err = WriteError(f"{path}: could not write it ({what}); "
+                         f"{'the previous file is intact' if path.exists() else 'nothing was written'}")
+        err.errno = e.errno
+        raise err from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see ``save_atomic``)."""
+    save_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def torch_save_atomic(path: Path, obj) -> None:
+    """``torch.save`` to ``path`` atomically (see ``save_atomic``)."""
+    import torch
+
+    save_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def write_run(path: Path, record: dict) -> None:

@@ -102,7 +102,7 @@ def _preset_settings(cfg: RunConfig) -> dict:
     if kind == "lmeval":
         return {"limit": p.limits.get("lmeval")}
     return {"limit": p.limits.get(name), "max_new_tokens": p.max_new_tokens.get(name),
-            "gen_batch_size": p.gen_batch_size, "sandbox": cfg.sandbox, "judge": cfg.judge}
+            "sandbox": cfg.sandbox, "judge": cfg.judge}
 
 
 def preset_skips(cfg: RunConfig) -> str | None:
@@ -138,6 +138,16 @@ def calibration_inputs(cfg: RunConfig, ctx: "JobContext", adapter):
     return _CALIB[key]
 
 
+def quant_cache_path(cfg: RunConfig) -> Path:
+    """Where this variant's quantisation result is cached: keyed by the run's settings without the task's.
+
+    The quanteval version is in the key, the git commit is not: a commit that changes a method bumps
+    the version.
+    """
+    key = results.run_key({k: v for k, v in run_settings(cfg).items() if k not in ("task", "preset", "git")})
+    return cache_dir(cfg) / "quant" / f"{cfg.method.name}-{key}.pt"
+
+
 def quantize(cfg: RunConfig, ctx: "JobContext"):
     """The method's result for this job: from the on-disk cache when the method caches, else computed.
 
@@ -146,22 +156,32 @@ def quantize(cfg: RunConfig, ctx: "JobContext"):
     from quanteval.methods import QuantResult
 
     method = METHODS[cfg.method.name]
-    # the quanteval version is in the key, the git commit is not: a commit that changes a method bumps the version
-    key = results.run_key({k: v for k, v in run_settings(cfg).items() if k not in ("task", "preset", "git")})
-    path = cache_dir(cfg) / "quant" / f"{cfg.method.name}-{key}.pt"
-    if method.cache and not ctx.needs(path):
-        log.info("reusing cached %s result %s", cfg.method.name, path.name)
-        return QuantResult.load(path)
+    path = quant_cache_path(cfg)
+    if not method.cache:
+        return _compute_quant(cfg, ctx, method)
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):  # parallel jobs of one variant (other tasks) wait and reuse it
+        if not ctx.needs(path):
+            log.info("reusing cached %s result %s", cfg.method.name, path.name)
+            result = QuantResult.load(path)
+            result.info = {**result.info, "from_cache": True}
+            return result
+        result = _compute_quant(cfg, ctx, method)
+        result.info["from_cache"] = False
+        result.save(path)
+        ctx.wrote(path)
+        return result
+
+
+def _compute_quant(cfg: RunConfig, ctx: "JobContext", method):
     model = ctx.loaded.model
     adapter = adapter_for(model)
     calib = calibration_inputs(cfg, ctx, adapter) if method.needs_calibration else None
     spec = QuantSpec(cfg.bits, cfg.group_size, cfg.sym, cfg.quantize_embeddings)
     torch.manual_seed(cfg.seed)
-    result = method.compute(model, adapter, spec, cfg.method, calib)
-    if method.cache:
-        result.save(path)
-        ctx.wrote(path)
-    return result
+    return method.compute(model, adapter, spec, cfg.method, calib)
 
 
 def run_path(cfg: RunConfig, key: str) -> Path:
@@ -223,17 +243,51 @@ def collapse_reason(cfg: RunConfig, task) -> str | None:
             f"({path.name}); generation skipped, force_generate=true runs it")
 
 
+def lock_path(path: Path) -> Path:
+    """The lock file guarding one run file (under ``<sweep>/locks/``, out of the runs folder)."""
+    return path.parent.parent / "locks" / (path.stem + ".lock")
+
+
+def log_path(path: Path) -> Path:
+    """The log of one run, beside its run file."""
+    return path.with_suffix(".log")
+
+
+class _RunLog:
+    """Copies quanteval's log records to the run's own log file while the run computes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handler = logging.FileHandler(self.path, encoding="utf-8")
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.logger = logging.getLogger("quanteval")
+        self.level = self.logger.level
+        self.logger.setLevel(min(self.level or logging.INFO, logging.INFO))
+        self.logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.level)
+        self.handler.close()
+
+
 def run_job(cfg: RunConfig) -> dict:
-    """Run (or skip, when done) one job; returns its run record."""
-    from quanteval.evaluate import get_task
+    """Run (or skip, when done) one job; returns its run record.
+
+    Jobs of parallel sweeps (a SLURM array, two sweeps on one results_dir) share the store: each run
+    is computed under its own file lock, and a job that finds the run finished by another reads it.
+    The OS releases the lock when its holder dies (``kill -9`` included), so a killed job's lock is
+    never stale; its half-written files are temporary files that nothing reads.
+    """
+    from filelock import FileLock
 
     settings = run_settings(cfg)
     key = results.run_key(settings)
     path = run_path(cfg, key)
-    base_record = {
-        "run_key": key, "sweep_name": cfg.sweep_name, "task": cfg.task.name,
-        "variant": cfg.variant(), "config": dataclasses.asdict(cfg), "settings": settings,
-    }
     if key in _DONE and path.exists():  # reached again in this process (e.g. the baseline under each bits value)
         return results.read_run(path)
     if not cfg.rerun and results.completed(path):
@@ -245,6 +299,33 @@ def run_job(cfg: RunConfig) -> dict:
     if skip:
         log.info("%s: %s", cfg.variant()["label"], skip)
         return {"status": "skipped", "reason": skip}
+    lock = FileLock(str(lock_path(path)))
+    lock_path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock.acquire(timeout=0)
+    except TimeoutError:
+        log.info("%s is being computed by another job: waiting for it", path.name)
+        lock.acquire()
+    try:
+        if not cfg.rerun and results.completed(path):  # another job finished it while this one waited
+            done = results.read_run(path)
+            if not (done["status"] == "collapsed" and cfg.force_generate):
+                _DONE.add(key)
+                return done
+        with _RunLog(log_path(path)):
+            log.info("run %s: %s %s (key %s)", path.name, cfg.task.name, cfg.variant()["label"], key[:12])
+            return _compute(cfg, settings, key, path)
+    finally:
+        lock.release()
+
+
+def _compute(cfg: RunConfig, settings: dict, key: str, path: Path) -> dict:
+    from quanteval.evaluate import get_task
+
+    base_record = {
+        "run_key": key, "sweep_name": cfg.sweep_name, "task": cfg.task.name,
+        "variant": cfg.variant(), "config": dataclasses.asdict(cfg), "settings": settings,
+    }
     timings: dict[str, float] = {}
     items = None
     try:

@@ -33,6 +33,10 @@ class WikiText2:
         path = data_file(ctx.data_root, ctx.cfg.task.file)
         return _windows_cached(ctx.loaded.tokenizer, path, p.n_windows, p.seq_len)
 
+    def cache_paths(self, ctx) -> list[Path]:
+        """The baseline cache files this task reads (for ``plan=true``)."""
+        return [self._baseline_path(ctx)]
+
     @staticmethod
     def _baseline_path(ctx) -> Path:
         import quanteval
@@ -72,6 +76,9 @@ class LMEvalTask:
 
     def baseline(self, ctx) -> None:  # lm-eval scores each variant on its own; nothing to cache
         return None
+
+    def cache_paths(self, ctx) -> list[Path]:
+        return []
 
     def score(self, ctx) -> dict:
         from lm_eval import simple_evaluate

@@ -62,9 +62,9 @@ class BaselineStats:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.__dict__, tmp)
-        tmp.replace(path)
+        from quanteval.results import torch_save_atomic
+
+        torch_save_atomic(path, self.__dict__)
 
     @classmethod
     def load(cls, path: Path) -> "BaselineStats":

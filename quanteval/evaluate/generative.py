@@ -326,6 +326,10 @@ class GenerativeTask:
         stem = ctx.cache_dir / "baseline" / f"{self.name}-{key}"
         return stem.with_name(stem.name + ".items.jsonl"), stem.with_name(stem.name + ".tf.pt")
 
+    def cache_paths(self, ctx) -> list[Path]:
+        """The baseline cache files this task reads (for ``plan=true``)."""
+        return list(self._paths(ctx, self.spec(ctx)))
+
     def _prompts(self, ctx, spec: TaskSpec) -> list[tuple[str, bool]]:
         tok = ctx.loaded.tokenizer
         return [prompt_for(spec, tok, d, ctx.cfg.model.prompt_format, ctx.cfg.model.name) for d in spec.docs]
@@ -336,7 +340,7 @@ class GenerativeTask:
         specials = {p[1] for p in prompts}
         assert len(specials) == 1  # one prompt format per task
         return generate(ctx.loaded.model, ctx.loaded.tokenizer, [p[0] for p in prompts], spec.max_new_tokens,
-                        stop=stop_strings(spec, ctx.cfg.model.prompt_format), batch_size=ctx.cfg.preset.gen_batch_size,
+                        stop=stop_strings(spec, ctx.cfg.model.prompt_format), batch_size=ctx.cfg.preset.batch_size(),
                         add_special_tokens=specials.pop(), desc=f"{self.name} generate")
 
     def _items(self, ctx, spec: TaskSpec, prompts, gens) -> list[dict]:
@@ -387,9 +391,7 @@ class GenerativeTask:
             seqs = self._sequences(ctx, spec, prompts, self._tf_texts(spec, items))
             present = [s for s in seqs if s is not None]
             stats = fidelity.sequence_baseline(ctx.loaded.model, present, TOP_K)
-            tmp = tf_path.with_name(tf_path.name + ".tmp")
-            torch.save({"seqs": seqs, "stats": stats}, tmp)
-            tmp.replace(tf_path)
+            results.torch_save_atomic(tf_path, {"seqs": seqs, "stats": stats})
             write_items(items_path, items)  # written last: its presence marks a complete cache
             ctx.wrote(items_path)
 

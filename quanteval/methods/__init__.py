@@ -55,14 +55,10 @@ class QuantResult:
     info: dict = field(default_factory=dict)  # method statistics (timings, damping rises, ...)
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(
-            {"layers": {k: v.to_dict() for k, v in self.layers.items()},
-             "folds": [(f.module, f.kind, f.scale) for f in self.folds], "info": self.info},
-            tmp,
-        )
-        tmp.replace(path)
+        from quanteval.results import torch_save_atomic
+
+        torch_save_atomic(path, {"layers": {k: v.to_dict() for k, v in self.layers.items()},
+                                 "folds": [(f.module, f.kind, f.scale) for f in self.folds], "info": self.info})
 
     @classmethod
     def load(cls, path: Path) -> "QuantResult":
@@ -147,7 +143,7 @@ def _lazy(module: str, fn: str) -> Callable[..., QuantResult]:
 
 METHODS: dict[str, Method | None] = {
     "none": None,  # the baseline: nothing to compute
-    "rtn": Method(rtn_model),
+    "rtn": Method(rtn_model, cache=True),  # cheap, but cached so parallel jobs and later sweeps share it
     "gptq": Method(_lazy("quanteval.methods.gptq", "gptq_model"), needs_calibration=True, cache=True),
     "awq": Method(_lazy("quanteval.methods.awq", "awq_model"), needs_calibration=True, cache=True),
 }

@@ -1,0 +1,94 @@
+"""B2: quanteval's generation engine against lm-eval's ``HFLM.generate_until``, in one run.
+
+Same model (SmolLM2-135M-Instruct, fp32, CPU unless cuda is present), the same
+GSM8K chat prompts (the first ``--n`` test items, built by the gsm8k task), the
+same stop strings and ``max_gen_toks``, greedy, the same batch size and thread
+count (quanteval's auto batch size unless ``--batch-size``). Each engine runs once after a short warm-up on two other prompts. Tokens
+per second counts the tokens each engine generated (quanteval's count; the
+texts are checked identical, so HFLM produced the same tokens).
+
+Run::
+
+    python benchmarks/b2_generation.py --out results/bench/b2
+
+It prints a table and writes ``b2.json`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=32, help="GSM8K prompts")
+    ap.add_argument("--max-gen-toks", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=0, help="both engines (0: quanteval's auto batch size)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("results/bench/b2"))
+    args = ap.parse_args(argv)
+
+    import torch
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer
+
+    from quanteval.config import ModelConfig
+    from quanteval.data import resolve_data_dir
+    from quanteval.evaluate.generative import load_spec, prompt_for, stop_strings
+    from quanteval.generate import auto_batch_size, generate
+    from quanteval.models import load_model, resolve_device
+
+    torch.set_num_threads(args.threads)
+    device = resolve_device("auto")
+    loaded = load_model(ModelConfig(), device, torch.float32)
+    tok = loaded.tokenizer
+    spec = load_spec("gsm8k", resolve_data_dir(None), args.n + 2, args.max_gen_toks, {})
+    prompts = [prompt_for(spec, tok, d, "chat", "smollm2")[0] for d in spec.docs]
+    warm, prompts = prompts[:2], prompts[2:]
+    stops = stop_strings(spec, "chat")
+    if not args.batch_size:
+        longest = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+        args.batch_size = auto_batch_size(loaded.model, len(prompts), longest + args.max_gen_toks)
+    lm = HFLM(pretrained=loaded.model, tokenizer=AutoTokenizer.from_pretrained(tok.name_or_path),
+              batch_size=args.batch_size, max_length=4096)
+
+    def hflm(ps):
+        reqs = [Instance(request_type="generate_until", doc={}, idx=0,
+                         arguments=(p, {"until": list(stops), "max_gen_toks": args.max_gen_toks, "do_sample": False}))
+                for p in ps]
+        return lm.generate_until(reqs, disable_tqdm=True)
+
+    def ours(ps):
+        return generate(loaded.model, tok, ps, args.max_gen_toks, stop=stops, batch_size=args.batch_size)
+
+    hflm(warm), ours(warm)
+    t0 = time.perf_counter()
+    gens = ours(prompts)
+    t_ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    texts = hflm(prompts)
+    t_hflm = time.perf_counter() - t0
+    n_tokens = sum(g.n_tokens for g in gens)
+    same = sum(g.text == t for g, t in zip(gens, texts))
+    out = {
+        "device": str(device), "threads": args.threads, "n_prompts": len(prompts), "batch_size": args.batch_size,
+        "max_gen_toks": args.max_gen_toks, "tokens": n_tokens,
+        "quanteval_s": round(t_ours, 2), "hflm_s": round(t_hflm, 2),
+        "quanteval_tok_s": round(n_tokens / t_ours, 2), "hflm_tok_s": round(n_tokens / t_hflm, 2),
+        "speedup": round(t_hflm / t_ours, 3), "identical_texts": same,
+        "finish": {f: sum(g.finish == f for g in gens) for f in ("eos", "stop", "length")},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "b2.json").write_text(json.dumps(out, indent=1))
+    print(f"{'engine':<12}{'seconds':>10}{'tok/s':>10}\n{'quanteval':<12}{t_ours:>10.1f}{n_tokens / t_ours:>10.1f}\n"
+          f"{'lm-eval HFLM':<12}{t_hflm:>10.1f}{n_tokens / t_hflm:>10.1f}\n"
+          f"speedup {t_hflm / t_ours:.2f}x; identical texts {same}/{len(prompts)}; {n_tokens} tokens")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""The generation engine: token-identical to unbatched ``model.generate``, whatever the batching.
+
+Batching changes only float rounding (padding is masked, a merged row's cache
+is left-padded with masked zeros), so the tokens must equal unbatched greedy
+``model.generate``'s, except at a step where ``generate``'s top two logits are
+within ``TIE`` (a numerical tie, where rounding may pick either). Such ties are
+counted and printed; any other difference fails. One thread, so the reference
+is reproducible.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoTokenizer, GenerationConfig
+
+import quanteval.generate as G
+from quanteval.generate import Generation, auto_batch_size, generate
+
+from conftest import WORDS
+
+TIE = 1e-4
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def talking(model, tok, seed: int = 0):
+    """A random untied output layer with spread-out logits, EOS in place of one common word (so rows end
+    at different steps)."""
+    model.config.tie_word_embeddings = False
+    w = torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(seed))  # (vocab, hidden)
+    word = tok.convert_tokens_to_ids("Ġthe")
+    w[tok.eos_token_id] = 1.02 * w[word]
+    model.lm_head.weight = torch.nn.Parameter(w)
+    return model.eval()
+
+
+def prompts(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 40))) for _ in range(n)]
+
+
+def reference(model, tok, prompt: str, max_new: int, eos: set[int]) -> tuple[list[int], torch.Tensor]:
+    """Unbatched greedy ``model.generate``: its tokens and the logits of each step (steps, vocab)."""
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt")
+    gc = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=sorted(eos),
+                          pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else min(eos))
+    out = model.generate(**ids, generation_config=gc, output_logits=True, return_dict_in_generate=True)
+    return out.sequences[0, ids["input_ids"].shape[1]:].tolist(), torch.stack(out.logits)[:, 0].float()
+
+
+def compare(gen: Generation, ref: list[int], logits: torch.Tensor) -> str:
+    """'same', 'tie' (first difference at a step whose top-2 logits are within TIE) or a description."""
+    for j, t in enumerate(gen.tokens):
+        if j >= len(ref):
+            return f"runs past the reference's end at step {j}"
+        if t != ref[j]:
+            top2 = logits[j].topk(2).values
+            gap = float(top2[0] - top2[1])
+            return "tie" if gap < TIE else f"step {j}: {t} != {ref[j]} (top-2 gap {gap:.3g})"
+    if gen.finish != "stop" and gen.tokens != ref:  # EOS and the cap end both engines at the same step
+        return f"ends at {len(gen.tokens)} tokens ({gen.finish}), the reference at {len(ref)}"
+    return "same"
+
+
+def check_against_reference(model, tok, ps, max_new, stop, batch_sizes, capsys=None) -> dict:
+    eos = G._eos_ids(model, tok)
+    refs = [reference(model, tok, p, max_new, eos) for p in ps]
+    ties = {}
+    for bs in batch_sizes:
+        gens = generate(model, tok, ps, max_new, stop=stop, batch_size=bs)
+        verdicts = [compare(g, *r) for g, r in zip(gens, refs)]
+        bad = [(i, v) for i, v in enumerate(verdicts) if v not in ("same", "tie")]
+        assert not bad, f"batch_size={bs}: {bad}"
+        ties[bs] = verdicts.count("tie")
+        assert all(len(g.tokens) == g.n_tokens for g in gens)
+    print(f"numerical ties (top-2 logits within {TIE}) per batch size: {ties}")
+    return {"ties": ties, "finish": {g.finish for g in gens}}
+
+
+def test_batched_equals_unbatched_generate(tiny_model, one_thread, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = talking(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), tok)
+    merges = []
+    real_merge = G._merge
+    monkeypatch.setattr(G, "_merge", lambda *a: merges.append(1) or real_merge(*a))
+    ps = prompts(12)
+    out = check_against_reference(model, tok, ps, 24, stop=["king war"], batch_sizes=[1, 4, 12, "auto"])
+    assert {"eos", "length"} <= out["finish"]  # rows ended at different steps
+    assert merges, "no refill happened: the continuous-batching path was not exercised"
+    assert sum(out["ties"].values()) <= len(ps)  # ties are rare; many would mean a real difference
+
+
+def test_sliding_window_model_equals_unbatched_generate(tiny_model, one_thread):
+    """Gemma-3's sliding-window layers cannot be merged: the engine batches without refills, still exact."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16,
+                           layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256,
+                           tie_word_embeddings=False, eos_token_id=tok.eos_token_id, pad_token_id=0)
+    model = talking(Gemma3ForCausalLM(cfg), tok)
+    assert G._growing_cache(model, 8) is None
+    check_against_reference(model, tok, prompts(6, seed=1), 20, stop=[], batch_sizes=[3, 6])
+
+
+def test_stop_string_ends_generation_and_text_is_cut(tiny_model, one_thread):
+    from transformers import AutoModelForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = talking(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), tok)
+    ps = prompts(6, seed=2)
+    free = generate(model, tok, ps, 24, batch_size=6)
+    text = next(g.text for g in free if len(g.text) > 6)
+    stop = text[3:6]
+    gens = generate(model, tok, ps, 24, stop=[stop], batch_size=2)
+    assert any(g.finish == "stop" for g in gens)
+    for f, g in zip(free, gens):
+        assert stop not in g.text and f.text.startswith(g.text)
+
+
+def test_auto_batch_size_fits_memory(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    per_tok = G.kv_bytes_per_token(model)
+    assert per_tok == 2 * 2 * 2 * 16 * 4  # K and V x 2 layers x 2 KV heads x head_dim 16 x fp32
+    per_row = 2 * per_tok * 100 + 16 * 64 * 100 * 4
+    assert auto_batch_size(model, 1000, 100, free_bytes=2 * 5 * per_row) == 5
+    assert auto_batch_size(model, 1000, 100, free_bytes=0) == 1
+    assert auto_batch_size(model, 3, 100, free_bytes=10**12) == 3
+    assert auto_batch_size(model, 1000, 100, free_bytes=10**12) == G.CPU_MAX_BATCH
+
+
+def test_bad_batch_size_is_one_line_error(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        generate(model, tok, ["the king"], 4, batch_size=0)
+    assert generate(model, tok, [], 4) == []
+
+
+@pytest.mark.slow
+def test_smollm2_batched_equals_unbatched_generate(one_thread):
+    from quanteval.config import ModelConfig
+    from quanteval.data import resolve_data_dir
+    from quanteval.evaluate.generative import load_spec, prompt_for, stop_strings
+    from quanteval.models import load_model
+
+    loaded = load_model(ModelConfig(), torch.device("cpu"), torch.float32)
+    spec = load_spec("gsm8k", resolve_data_dir(None), 6, 48, {})
+    ps = [prompt_for(spec, loaded.tokenizer, d, "chat", "smollm2")[0] for d in spec.docs]
+    check_against_reference(loaded.model, loaded.tokenizer, ps, 48, stop=stop_strings(spec, "chat"),
+                            batch_sizes=[2, 6])
