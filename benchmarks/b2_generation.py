@@ -11,7 +11,7 @@ Run::
 
     python benchmarks/b2_generation.py --out results/bench/b2
 
-It prints a table and writes ``b2.json`` under ``--out``.
+It prints a table and writes ``b2-hflm-bs<N>.json`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--n", type=int, default=32, help="GSM8K prompts")
     ap.add_argument("--max-gen-toks", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=0, help="both engines (0: quanteval's auto batch size)")
+    ap.add_argument("--hflm-batch-size", type=int, default=0,
+                    help="HFLM's batch size (0: the same as quanteval's; 1 is lm-eval's default)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("results/bench/b2"))
     args = ap.parse_args(argv)
@@ -53,8 +55,9 @@ def main(argv=None) -> dict:
     if not args.batch_size:
         longest = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
         args.batch_size = auto_batch_size(loaded.model, len(prompts), longest + args.max_gen_toks)
+    hflm_bs = args.hflm_batch_size or args.batch_size
     lm = HFLM(pretrained=loaded.model, tokenizer=AutoTokenizer.from_pretrained(tok.name_or_path),
-              batch_size=args.batch_size, max_length=4096)
+              batch_size=hflm_bs, max_length=4096)
 
     def hflm(ps):
         reqs = [Instance(request_type="generate_until", doc={}, idx=0,
@@ -75,7 +78,7 @@ def main(argv=None) -> dict:
     n_tokens = sum(g.n_tokens for g in gens)
     same = sum(g.text == t for g, t in zip(gens, texts))
     out = {
-        "device": str(device), "threads": args.threads, "n_prompts": len(prompts), "batch_size": args.batch_size,
+        "device": str(device), "threads": args.threads, "n_prompts": len(prompts), "batch_size": args.batch_size, "hflm_batch_size": hflm_bs,
         "max_gen_toks": args.max_gen_toks, "tokens": n_tokens,
         "quanteval_s": round(t_ours, 2), "hflm_s": round(t_hflm, 2),
         "quanteval_tok_s": round(n_tokens / t_ours, 2), "hflm_tok_s": round(n_tokens / t_hflm, 2),
@@ -83,7 +86,7 @@ def main(argv=None) -> dict:
         "finish": {f: sum(g.finish == f for g in gens) for f in ("eos", "stop", "length")},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "b2.json").write_text(json.dumps(out, indent=1))
+    (args.out / f"b2-hflm-bs{hflm_bs}.json").write_text(json.dumps(out, indent=1))
     print(f"{'engine':<12}{'seconds':>10}{'tok/s':>10}\n{'quanteval':<12}{t_ours:>10.1f}{n_tokens / t_ours:>10.1f}\n"
           f"{'lm-eval HFLM':<12}{t_hflm:>10.1f}{n_tokens / t_hflm:>10.1f}\n"
           f"speedup {t_hflm / t_ours:.2f}x; identical texts {same}/{len(prompts)}; {n_tokens} tokens")

@@ -73,6 +73,8 @@ LAUNCHER_PLUGINS = {  # hydra/launcher=<name>: (plugin module, pip extra)
     "local": ("hydra_plugins.hydra_submitit_launcher", "quanteval[cluster]"),
     "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "quanteval[cluster]"),
     "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "quanteval[cluster]"),
+    "ray_local": ("hydra_plugins.hydra_ray_launcher", "quanteval[ray]"),
+    "ray": ("hydra_plugins.hydra_ray_launcher", "quanteval[ray]"),
 }
 
 
@@ -178,6 +180,14 @@ def _check_inputs(cfg: C.RunConfig) -> None:
             _check_task_data(cfg.task.name, root)
             if not (cfg.task.limit or cfg.preset.limits.get(cfg.task.name)):
                 raise ValueError(f"preset.limits.{cfg.task.name}: missing; set it or task.limit")
+        if cfg.runtime == "packed" and cfg.method.quantizes:
+            from quanteval.models import resolve_device
+            from quanteval_kernels import resolve_backend
+
+            try:
+                resolve_backend(cfg.kernel, resolve_device(cfg.device))
+            except RuntimeError as e:
+                raise ValueError(f"runtime=packed kernel={cfg.kernel}: {e}; or set kernel=torch") from None
         if cfg.model.source == "gguf_package":
             from quanteval.models import check_gguf, gguf_path
 

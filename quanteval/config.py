@@ -275,6 +275,10 @@ class RunConfig:
     force_generate: bool = False
     sandbox: str = "bwrap"  # generated code runs in bubblewrap; "none" is an explicit, unsafe opt-out
     judge: Optional[str] = None  # optional judge for open-ended answers (quanteval.evaluate.generative.JUDGES)
+    # fakequant: quantised weights dequantised in place (any width); packed: linears hold packed 2/3/4/8-bit
+    # codes and run the dequant-matmul kernel (quanteval.packed), so resident memory is real
+    runtime: str = "fakequant"
+    kernel: str = "auto"  # runtime=packed: auto (Triton on CUDA, torch reference on CPU) | triton | torch
 
     def __post_init__(self) -> None:
         _check(isinstance(self.group_size, int), f"group_size={self.group_size!r}: must be an integer")
@@ -294,6 +298,11 @@ class RunConfig:
         _check(bool(self.sweep_name) and "/" not in self.sweep_name, f"sweep_name={self.sweep_name!r}: must be a plain name")
         _check(self.collapse_kl > 0, f"collapse_kl={self.collapse_kl}: must be positive")
         _check(self.sandbox in ("bwrap", "none"), f"sandbox={self.sandbox!r}: must be bwrap or none (unsafe)")
+        _check(self.runtime in ("fakequant", "packed"), f"runtime={self.runtime!r}: must be fakequant or packed")
+        _check(self.kernel in ("auto", "triton", "torch"), f"kernel={self.kernel!r}: must be auto, triton or torch")
+        if self.runtime == "packed" and self.method.quantizes:
+            _check(self.bits in (2, 3, 4, 8), f"bits={self.bits}: runtime=packed holds 2, 3, 4 and 8 bits; "
+                                              f"5-7 stay fake-quant (runtime=fakequant)")
 
     def variant(self) -> dict:
         """The quantisation variant of this job; the baseline carries no bits/group/sym."""

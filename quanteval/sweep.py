@@ -86,6 +86,8 @@ def run_settings(cfg: RunConfig) -> dict:
         "quanteval": quanteval.__version__,
         "git": results.git_commit(),
     }
+    if cfg.runtime != "fakequant":  # only then: the keys of fake-quant runs stay as they were
+        settings["runtime"] = {"runtime": cfg.runtime, "kernel": cfg.kernel}
     if cfg.method.quantizes:
         settings["method"] = dataclasses.asdict(cfg.method)
         settings["quantize_embeddings"] = cfg.quantize_embeddings
@@ -144,8 +146,12 @@ def quant_cache_path(cfg: RunConfig) -> Path:
     The quanteval version is in the key, the git commit is not: a commit that changes a method bumps
     the version.
     """
-    key = results.run_key({k: v for k, v in run_settings(cfg).items() if k not in ("task", "preset", "git")})
-    return cache_dir(cfg) / "quant" / f"{cfg.method.name}-{key}.pt"
+    return cache_dir(cfg) / "quant" / f"{cfg.method.name}-{quant_key(run_settings(cfg))}.pt"
+
+
+def quant_key(settings: dict) -> str:
+    """The quantisation cache key of a run's settings: all but the task's, the git commit and the runtime."""
+    return results.run_key({k: v for k, v in settings.items() if k not in ("task", "preset", "git", "runtime")})
 
 
 def quantize(cfg: RunConfig, ctx: "JobContext"):
@@ -198,10 +204,25 @@ def get_model(cfg: RunConfig) -> tuple[LoadedModel, str]:
         loaded = load_model(cfg.model, device, resolve_dtype(cfg.dtype, device))
         base_state = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
         _MODEL.update(key=key, loaded=loaded, base_state=base_state, dirty=False)
+    elif _MODEL.get("packed"):  # modules were swapped for QuantLinear: rebuild from the saved weights
+        loaded = _MODEL["loaded"]
+        _MODEL["loaded"] = type(loaded)(**{**loaded.__dict__, "model": _rebuild(loaded.model, _MODEL["base_state"])})
+        _MODEL["packed"] = False
     elif _MODEL["dirty"]:
         _MODEL["loaded"].model.load_state_dict(_MODEL["base_state"])
     _MODEL["dirty"] = False
     return _MODEL["loaded"], key
+
+
+def _rebuild(model, base_state: dict):
+    """A fresh model of ``model``'s config holding ``base_state`` (after ``pack_model`` swapped its modules)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = next(iter(base_state.values())).dtype
+    fresh = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
+    fresh.load_state_dict(base_state)
+    fresh.generation_config = model.generation_config
+    return fresh.to(next(model.parameters()).device).eval()
 
 
 def _versions() -> dict:
@@ -209,6 +230,13 @@ def _versions() -> dict:
 
     return {"quanteval": quanteval.__version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def _resident_bytes(model) -> int:
+    """Bytes the model's parameters and buffers hold in memory now (packed codes count as packed)."""
+    from quanteval.packed import model_bytes
+
+    return model_bytes(model)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -354,7 +382,13 @@ def _compute(cfg: RunConfig, settings: dict, key: str, path: Path) -> dict:
             t0 = time.perf_counter()
             result = quantize(cfg, ctx)
             _MODEL["dirty"] = True
-            apply_result(model, result)
+            if cfg.runtime == "packed":
+                from quanteval.packed import pack_model
+
+                _MODEL["packed"] = True
+                pack_model(model, result, backend=cfg.kernel)
+            else:
+                apply_result(model, result)
             layers = result.layers
             timings["quantize_s"] = time.perf_counter() - t0
             quant_info = result.info
@@ -378,6 +412,7 @@ def _compute(cfg: RunConfig, settings: dict, key: str, path: Path) -> dict:
             "quantization": quant_info,
             "timings": timings,
             "peak_memory_mb": _peak_memory_mb(device),
+            "memory": {"runtime": cfg.runtime, "resident_bytes": _resident_bytes(model)},
             "versions": _versions(),
             "device": str(device),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -372,7 +372,6 @@ class GenerativeTask:
 
     def baseline(self, ctx) -> None:
         """Generate, score and record the baseline's top-k log-probs on the teacher-forced texts, once."""
-        import torch
         from filelock import FileLock
 
         from quanteval.evaluate import fidelity

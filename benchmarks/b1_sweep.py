@@ -1,0 +1,182 @@
+"""B1 + B3: a quanteval sweep against a naive pipeline, in one run; and the sweep's peak memory.
+
+**quanteval**: the ``quanteval`` console script on a fresh ``results_dir`` (so
+the baseline, calibration and quantisation caches start empty), one sweep per
+method, under ``/usr/bin/time -v`` for peak RSS (B3). It also scores WikiText-2
+fidelity and teacher-forced KL, which the naive pipeline does not.
+
+**naive**: what a user would write without quanteval, in one process: for each
+variant, load the model (from the same converted safetensors cache), quantise
+it (quanteval's own RTN/GPTQ code, so the weights are identical), then
+``lm_eval.simple_evaluate`` with ``HFLM`` on the same lm-eval task YAMLs, the
+same limits and token caps, the chat template, greedy. HFLM's batch size is
+``--naive-batch-size`` (default 8: a whole task's 8 items in one batch, the
+most favourable setting for it; lm-eval's default is 1). It has no collapse
+short-circuit, so a collapsed variant generates to the token cap.
+
+Both pipelines' primary scores are compared per variant and task.
+
+Run (the reduced grid measured for the README; the whole default grid is
+``--variants none,rtn:8,rtn:4,rtn:3,rtn:2,gptq:4,gptq:3,awq:4,awq:3 --tasks
+ifeval,mt_bench,dialogsum,gsm8k,humaneval``)::
+
+    python benchmarks/b1_sweep.py --out results/bench/b1
+
+It prints a table and writes ``b1.json`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_quanteval(out: Path, variants: list[tuple[str, int]], tasks: list[str]) -> dict:
+    """One ``quanteval`` sweep per method (bits as given), timed, with peak RSS from /usr/bin/time."""
+    by_method = defaultdict(list)
+    for m, b in variants:
+        by_method[m].append(b)
+    wall, peak = 0.0, 0.0
+    for m, bits in by_method.items():
+        bits = [b for b in bits if b] or [4]  # the baseline ignores bits
+        cmd = ["/usr/bin/time", "-v", sys.executable, "-c",
+               "import sys; sys.argv[0]='quanteval'; from quanteval.cli import main; main()",
+               f"results_dir={out}", f"method={m}", f"bits={','.join(map(str, bits))}",
+               f"task=wikitext2,{','.join(tasks)}"]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        wall += time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"quanteval {m} failed: {proc.stderr[-2000:]}")
+        rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+        peak = max(peak, int(rss.group(1)) / 1024 if rss else 0)
+    from quanteval import results
+
+    scores, phases = {}, defaultdict(float)
+    for f in results.run_files(out / "default"):
+        rec = results.read_run(f)
+        for k, v in (rec.get("timings") or {}).items():
+            phases[k] += v
+        if rec["task"] in tasks:
+            scores[(rec["variant"]["label"], rec["task"])] = (rec["status"], (rec.get("metrics") or {}).get("primary"))
+    return {"wall_s": wall, "peak_rss_mb": peak, "phases_s": dict(phases), "scores": scores}
+
+
+def run_naive(variants: list[tuple[str, int]], tasks: list[str], batch_size: int) -> dict:
+    import torch
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from quanteval.calibration import calibration_file, calibration_ids, capture_inputs
+    from quanteval.config import GPTQConfig, AWQConfig, ModelConfig, PresetConfig, RTNConfig
+    from quanteval.data import resolve_data_dir
+    from quanteval.evaluate.generative import lmeval_name
+    from quanteval.methods import METHODS, QuantSpec, apply_result
+    from quanteval.models import adapter_for, load_model
+    from quanteval_tasks import TASK_DIR
+
+    from omegaconf import OmegaConf  # the preset's limits come from conf/preset/default.yaml
+
+    preset = OmegaConf.load(REPO / "conf" / "preset" / "default.yaml")
+    root = resolve_data_dir(None)
+    tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata={"data_dir": str(root)})
+    method_cfgs = {"rtn": RTNConfig(), "gptq": GPTQConfig(), "awq": AWQConfig()}
+    p = PresetConfig()
+    phases, scores = defaultdict(float), {}
+    t_all = time.perf_counter()
+    for m, b in variants:
+        t0 = time.perf_counter()
+        loaded = load_model(ModelConfig(), torch.device("cpu"), torch.float32)
+        phases["load_s"] += time.perf_counter() - t0
+        label = "baseline"
+        if m != "none":
+            t0 = time.perf_counter()
+            model, adapter = loaded.model, adapter_for(loaded.model)
+            calib = None
+            if METHODS[m].needs_calibration:
+                ids = calibration_ids(loaded.tokenizer, calibration_file("wikitext2", None, root),
+                                      preset.get("calib_samples", p.calib_samples),
+                                      preset.get("calib_seq_len", p.calib_seq_len), 0)
+                calib = capture_inputs(model, adapter, ids, 8)
+            torch.manual_seed(0)
+            apply_result(model, METHODS[m].compute(model, adapter, QuantSpec(b, 64, False), method_cfgs[m], calib))
+            phases["quantize_s"] += time.perf_counter() - t0
+            label = f"{m} w{b} g64"
+        lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size, max_length=4096)
+        for task in tasks:
+            t0 = time.perf_counter()
+            out = simple_evaluate(model=lm, tasks=[lmeval_name(task)], task_manager=tm, limit=preset.limits[task],
+                                  apply_chat_template=True, gen_kwargs=f"max_gen_toks={preset.max_new_tokens[task]}",
+                                  bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+                                  fewshot_random_seed=0)
+            phases["eval_s"] += time.perf_counter() - t0
+            res = out["results"][lmeval_name(task)]
+            spec_primary = _primary(task)
+            scores[(label, task)] = ("ok", float(res[spec_primary]))
+        del lm, loaded
+    return {"wall_s": time.perf_counter() - t_all, "phases_s": dict(phases), "scores": scores}
+
+
+def _primary(task: str) -> str:
+    import yaml
+
+    from quanteval_tasks import TASK_DIR
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    _Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    meta = yaml.load((TASK_DIR / f"{task}.yaml").read_text(), Loader=_Loader)["metadata"]["quanteval"]
+    return meta["primary"]
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", default="none,rtn:8,rtn:4,rtn:2,gptq:4", help="method:bits, comma-separated")
+    ap.add_argument("--tasks", default="gsm8k,dialogsum", help="generative tasks (not arith_chain: its limit is per k)")
+    ap.add_argument("--naive-batch-size", type=int, default=8)
+    ap.add_argument("--out", type=Path, default=Path("results/bench/b1"))
+    args = ap.parse_args(argv)
+    variants = [(v.split(":")[0], int(v.split(":")[1]) if ":" in v else 0) for v in args.variants.split(",")]
+    tasks = args.tasks.split(",")
+    if "arith_chain" in tasks:
+        raise SystemExit("--tasks: arith_chain's limit counts items per k; lm-eval's counts docs: not comparable")
+    args.out.mkdir(parents=True, exist_ok=True)
+    qe_dir = (args.out / "quanteval").resolve()
+    shutil.rmtree(qe_dir, ignore_errors=True)  # fresh caches: the baseline and quantisations are computed here
+    ours = run_quanteval(qe_dir, variants, tasks)
+    naive = run_naive(variants, tasks, args.naive_batch_size)
+    rows, same = [], 0
+    for key, (status, score) in naive["scores"].items():
+        q_status, q_score = ours["scores"].get(key, (None, None))
+        match = q_status == "ok" and q_score is not None and abs(q_score - score) < 1e-9
+        same += match
+        rows.append({"variant": key[0], "task": key[1], "naive": score, "quanteval": q_score,
+                     "quanteval_status": q_status, "same": match})
+    compared = sum(r["quanteval_status"] == "ok" for r in rows)
+    result = {"variants": args.variants, "tasks": tasks, "naive_batch_size": args.naive_batch_size,
+              "quanteval_s": round(ours["wall_s"], 1), "naive_s": round(naive["wall_s"], 1),
+              "ratio": round(ours["wall_s"] / naive["wall_s"], 3), "quanteval_phases_s": ours["phases_s"],
+              "naive_phases_s": naive["phases_s"], "quanteval_peak_rss_mb": round(ours["peak_rss_mb"]),
+              "scores": rows, "same_scores": f"{same}/{compared} runs both pipelines scored"}
+    (args.out / "b1.json").write_text(json.dumps(result, indent=1, default=str))
+    print(f"quanteval {ours['wall_s']:.0f} s, naive {naive['wall_s']:.0f} s: ratio {result['ratio']:.2f}; "
+          f"same scores {result['same_scores']}; quanteval peak RSS {ours['peak_rss_mb']:.0f} MB")
+    for r in rows:
+        print(f"  {r['variant']:<14} {r['task']:<10} naive {r['naive']:.4f}  quanteval "
+              f"{r['quanteval'] if r['quanteval'] is None else round(r['quanteval'], 4)} ({r['quanteval_status']})")
+    return result
+
+
+if __name__ == "__main__":
+    main()
