@@ -137,7 +137,7 @@ def _primary(task: str) -> str:
 
     _Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
     meta = yaml.load((TASK_DIR / f"{task}.yaml").read_text(), Loader=_Loader)["metadata"]["quanteval"]
-    return meta["primary"]
+    return meta["primary"] if "," in meta["primary"] else f"{meta['primary']},none"  # lm-eval's result keys
 
 
 def main(argv=None) -> dict:
@@ -155,6 +155,8 @@ def main(argv=None) -> dict:
     qe_dir = (args.out / "quanteval").resolve()
     shutil.rmtree(qe_dir, ignore_errors=True)  # fresh caches: the baseline and quantisations are computed here
     ours = run_quanteval(qe_dir, variants, tasks)
+    (args.out / "quanteval.json").write_text(json.dumps({**ours, "scores": {" | ".join(k): v for k, v in
+                                                                         ours["scores"].items()}}, indent=1))
     naive = run_naive(variants, tasks, args.naive_batch_size)
     rows, same = [], 0
     for key, (status, score) in naive["scores"].items():
