@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,33 @@ def tiny_data(tmp_path_factory) -> Path:
             (d / rel).parent.mkdir(exist_ok=True)
             (d / rel).write_text("".join(src.read_text(encoding="utf-8").splitlines(keepends=True)[:12]), encoding="utf-8")
     return d
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to ``n`` for the block (reproducible floats; on tiny tensors a
+    second thread only adds spin-wait overhead, 10-100x slower on a busy machine)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.fixture
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """``one_thread`` for a whole module: ``pytestmark = pytest.mark.usefixtures("one_thread_module")``."""
+    with torch_threads(1):
+        yield
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600, cli: str = "quanteval") -> subprocess.CompletedProcess:

@@ -47,13 +47,7 @@ FAMILIES = {
 SPEC3 = QuantSpec(bits=3, group_size=32, sym=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds spin-wait overhead (10-100x slower on a busy box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny tensors: one thread (conftest)
 
 
 def tiny(family: str = "llama", kv_heads: int = 4, seed: int = 0, **overrides) -> torch.nn.Module:

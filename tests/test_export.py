@@ -27,13 +27,7 @@ from quanteval.methods.rtn import rtn_layer
 pytest.importorskip("compressed_tensors")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds spin-wait overhead (as in test_awq)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny tensors: one thread (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,6 @@ from conftest import WORDS
 TIE = 1e-4
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def talking(model, tok, seed: int = 0):

@@ -303,12 +303,6 @@ def test_ifeval_scores_equal_stock_process_results(ifeval_scored, monkeypatch):
 # ---------------------------------------------------------------- generation vs HFLM
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def generate_both(loaded, spec: TaskSpec, stops: list[str], max_new_tokens: int, batch_size: int,
