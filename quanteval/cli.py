@@ -1,4 +1,5 @@
-"""The command line: ``quanteval [overrides]``. The only module that imports Hydra and OmegaConf.
+"""The command lines: ``quanteval [overrides]`` and ``quanteval-export``. The only module that imports
+Hydra and OmegaConf.
 
 ``conf/config.yaml`` puts Hydra in MULTIRUN mode with the default grid in
 ``hydra.sweeper.params``; overrides change it (``quanteval bits=4,3
@@ -308,6 +309,28 @@ def main() -> None:
     _job()
     if _FAILED:
         sys.exit(1)
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """Console entry point ``quanteval-export <run file or run key> --out DIR`` (see ``quanteval.export``)."""
+    import argparse
+
+    from quanteval.export import ExportError, export
+
+    ap = argparse.ArgumentParser(prog="quanteval-export",
+                                 description="Export a run's quantised model as a compressed-tensors checkpoint.")
+    ap.add_argument("run", help="a run file (<results>/<sweep>/runs/*.json) or a run key (prefix)")
+    ap.add_argument("--out", required=True, type=Path, help="output directory for the checkpoint")
+    ap.add_argument("--results-dir", default="results", type=Path, help="where to look up a run key")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        path = export(args.run, args.out, args.results_dir)
+    except ExportError as e:
+        print(f"quanteval-export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"quanteval-export: wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -56,11 +56,9 @@ Loading (transformers 5.24, compressed-tensors 0.20.0, checked on a CPU):
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 
 import torch
@@ -298,24 +296,3 @@ def export(run: str | Path, out_dir: str | Path, results_dir: str | Path = "resu
         {"run_file": str(run_file.resolve()), "run_key": record.get("run_key"), "variant": v, "load": load}, indent=1))
     log.info("exported %s (%s) to %s", v.get("label"), record.get("run_key"), path)
     return path
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point ``quanteval-export``."""
-    ap = argparse.ArgumentParser(prog="quanteval-export", description=__doc__.splitlines()[0])
-    ap.add_argument("run", help="a run file (<results>/<sweep>/runs/*.json) or a run key (prefix)")
-    ap.add_argument("--out", required=True, type=Path, help="output directory for the checkpoint")
-    ap.add_argument("--results-dir", default="results", type=Path, help="where to look up a run key")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        path = export(args.run, args.out, args.results_dir)
-    except ExportError as e:
-        print(f"quanteval-export: error: {e}", file=sys.stderr)
-        return 2
-    print(f"quanteval-export: wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -67,11 +67,11 @@ def job_state(cfg: RunConfig) -> dict:
         status = results.read_run(path)["status"]
     else:
         status = "to do"
-    method = METHODS[cfg.method.name]
-    quant = None if method is None else quant_cache_path(cfg).exists()
+    quant_path = None if METHODS[cfg.method.name] is None else quant_cache_path(cfg)
     ctx = JobContext(cfg, None, resolve_data_dir(cfg.data_dir), cache_dir(cfg), results.run_key(_model_key(cfg)))
     baseline = all(p.exists() for p in get_task(cfg.task).cache_paths(ctx))
-    return {"key": key, "path": path, "status": status, "quant_cached": quant, "baseline_cached": baseline}
+    return {"key": key, "path": path, "status": status, "quant_path": quant_path,
+            "quant_cached": None if quant_path is None else quant_path.exists(), "baseline_cached": baseline}
 
 
 def plan(cfgs: list[RunConfig]) -> str:
@@ -85,7 +85,7 @@ def plan(cfgs: list[RunConfig]) -> str:
         rows.append((cfg, st))
     timings = recorded_timings(Path(cfgs[0].results_dir).resolve()) if cfgs else {}
     todo = [(c, s) for c, s in rows if s["status"] in ("to do", "failed")]
-    est: dict[str, float | None] = {"load": _median(timings.get("load", [])) if todo else 0.0}
+    load = _median(timings.get("load", []))
     unknown: set[str] = set()
     base_done, quant_done, total = set(), set(), defaultdict(float)
     for cfg, st in todo:
@@ -95,9 +95,8 @@ def plan(cfgs: list[RunConfig]) -> str:
             v = _median(timings["baseline"].get(task, []))
             total["baseline"] += v or 0
             unknown.update({"baseline"} if v is None else set())
-        qkey = results.run_key({"m": method, "b": cfg.bits, "g": cfg.group_size})
-        if st["quant_cached"] is False and qkey not in quant_done:
-            quant_done.add(qkey)
+        if st["quant_cached"] is False and st["quant_path"] not in quant_done:  # one per variant, not per task
+            quant_done.add(st["quant_path"])
             v = _median(timings["quantize"].get(method, []))
             total["quantize"] += v or 0
             unknown.update({"quantize"} if v is None else set())
@@ -114,7 +113,6 @@ def plan(cfgs: list[RunConfig]) -> str:
     n_done = sum(s["status"] in ("ok", "collapsed") for _, s in rows)
     lines.append(f"\n{len(rows)} distinct runs: {n_done} done, {len(todo)} to run.")
     if todo:
-        load = est["load"]
         lines.append("Estimated time (from timings recorded under results_dir):")
         lines.append(f"  load model   {_fmt(load)}")
         for phase in ("baseline", "quantize", "eval"):

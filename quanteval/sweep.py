@@ -155,18 +155,15 @@ def quant_key(settings: dict) -> str:
 
 
 def quantize(cfg: RunConfig, ctx: "JobContext"):
-    """The method's result for this job: from the on-disk cache when the method caches, else computed.
+    """The method's result for this job: from the on-disk cache, else computed once (under a lock) and cached.
 
     The cache key is the run's settings without the task's: every task reuses one result.
     """
-    from quanteval.methods import QuantResult
-
-    method = METHODS[cfg.method.name]
-    path = quant_cache_path(cfg)
-    if not method.cache:
-        return _compute_quant(cfg, ctx, method)
     from filelock import FileLock
 
+    from quanteval.methods import QuantResult
+
+    path = quant_cache_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):  # parallel jobs of one variant (other tasks) wait and reuse it
         if not ctx.needs(path):
@@ -174,7 +171,7 @@ def quantize(cfg: RunConfig, ctx: "JobContext"):
             result = QuantResult.load(path)
             result.info = {**result.info, "from_cache": True}
             return result
-        result = _compute_quant(cfg, ctx, method)
+        result = _compute_quant(cfg, ctx, METHODS[cfg.method.name])
         result.info["from_cache"] = False
         result.save(path)
         ctx.wrote(path)
@@ -230,13 +227,6 @@ def _versions() -> dict:
 
     return {"quanteval": quanteval.__version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
-
-
-def _resident_bytes(model) -> int:
-    """Bytes the model's parameters and buffers hold in memory now (packed codes count as packed)."""
-    from quanteval.packed import model_bytes
-
-    return model_bytes(model)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -318,11 +308,10 @@ def run_job(cfg: RunConfig) -> dict:
     path = run_path(cfg, key)
     if key in _DONE and path.exists():  # reached again in this process (e.g. the baseline under each bits value)
         return results.read_run(path)
-    if not cfg.rerun and results.completed(path):
-        done = results.read_run(path)
-        if not (done["status"] == "collapsed" and cfg.force_generate):
-            log.info("done already, skipping: %s", path.name)
-            return done
+    done = _finished(cfg, path)
+    if done:
+        log.info("done already, skipping: %s", path.name)
+        return done
     skip = preset_skips(cfg)
     if skip:
         log.info("%s: %s", cfg.variant()["label"], skip)
@@ -335,11 +324,10 @@ def run_job(cfg: RunConfig) -> dict:
         log.info("%s is being computed by another job: waiting for it", path.name)
         lock.acquire()
     try:
-        if not cfg.rerun and results.completed(path):  # another job finished it while this one waited
-            done = results.read_run(path)
-            if not (done["status"] == "collapsed" and cfg.force_generate):
-                _DONE.add(key)
-                return done
+        done = _finished(cfg, path)  # another job may have finished it while this one waited
+        if done:
+            _DONE.add(key)
+            return done
         with _RunLog(log_path(path)):
             log.info("run %s: %s %s (key %s)", path.name, cfg.task.name, cfg.variant()["label"], key[:12])
             return _compute(cfg, settings, key, path)
@@ -347,8 +335,18 @@ def run_job(cfg: RunConfig) -> dict:
         lock.release()
 
 
+def _finished(cfg: RunConfig, path: Path) -> dict | None:
+    """The run record at ``path`` when it needs no recomputing (not ``rerun``; a collapsed run is
+    recomputed under ``force_generate``), else None."""
+    if cfg.rerun or not results.completed(path):
+        return None
+    done = results.read_run(path)
+    return None if done["status"] == "collapsed" and cfg.force_generate else done
+
+
 def _compute(cfg: RunConfig, settings: dict, key: str, path: Path) -> dict:
     from quanteval.evaluate import get_task
+    from quanteval.packed import model_bytes  # packed codes count as packed
 
     base_record = {
         "run_key": key, "sweep_name": cfg.sweep_name, "task": cfg.task.name,
@@ -412,7 +410,7 @@ def _compute(cfg: RunConfig, settings: dict, key: str, path: Path) -> dict:
             "quantization": quant_info,
             "timings": timings,
             "peak_memory_mb": _peak_memory_mb(device),
-            "memory": {"runtime": cfg.runtime, "resident_bytes": _resident_bytes(model)},
+            "memory": {"runtime": cfg.runtime, "resident_bytes": model_bytes(model)},
             "versions": _versions(),
             "device": str(device),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

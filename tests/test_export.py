@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
 from conftest import run_cli
 from quanteval import export as ex
+from quanteval.cli import export_main
 from quanteval import results
 from quanteval.methods import QuantResult, apply_result
 from quanteval.methods.gptq import GPTQ
@@ -109,7 +110,7 @@ def test_rtn_without_cache_is_recomputed(swept, tmp_path):
 
 def test_cli_errors_are_one_line(swept, tmp_path, capsys, monkeypatch):
     def error(*args) -> str:
-        assert ex.main([*args, "--out", str(tmp_path / "x"), "--results-dir", str(swept)]) == 2
+        assert export_main([*args, "--out", str(tmp_path / "x"), "--results-dir", str(swept)]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("quanteval-export: error: ")
         return lines[0]

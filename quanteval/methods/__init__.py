@@ -124,12 +124,12 @@ def rtn_model(model, adapter, spec: QuantSpec, method_cfg=None, calib=None) -> Q
 class Method:
     """A registry entry: how to compute a result, and whether it needs calibration inputs.
 
-    ``cache``: results are stored on disk by run key (worth it when compute is slow).
+    Every result is cached on disk by the sweep (``quanteval.sweep.quantize``), so parallel jobs and
+    later sweeps share it.
     """
 
     compute: Callable[..., QuantResult]
     needs_calibration: bool = False
-    cache: bool = False
 
 
 def _lazy(module: str, fn: str) -> Callable[..., QuantResult]:
@@ -143,7 +143,7 @@ def _lazy(module: str, fn: str) -> Callable[..., QuantResult]:
 
 METHODS: dict[str, Method | None] = {
     "none": None,  # the baseline: nothing to compute
-    "rtn": Method(rtn_model, cache=True),  # cheap, but cached so parallel jobs and later sweeps share it
-    "gptq": Method(_lazy("quanteval.methods.gptq", "gptq_model"), needs_calibration=True, cache=True),
-    "awq": Method(_lazy("quanteval.methods.awq", "awq_model"), needs_calibration=True, cache=True),
+    "rtn": Method(rtn_model),
+    "gptq": Method(_lazy("quanteval.methods.gptq", "gptq_model"), needs_calibration=True),
+    "awq": Method(_lazy("quanteval.methods.awq", "awq_model"), needs_calibration=True),
 }
