@@ -24,12 +24,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from quanteval import config as C
 from quanteval.results import WriteError
+from quanteval.session import Session
+from quanteval.thresholds import Thresholds
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "method", "task", "preset")
 log = logging.getLogger("quanteval")
 
 _FAILED: list[str] = []  # 'task variant (error)' of each run that failed in this process
+_SESSION = Session()  # what this process keeps between the jobs Hydra hands it (model, captures, caches)
 
 
 def _register() -> None:
@@ -44,6 +47,19 @@ def _register() -> None:
     cs.store(group="task", name="base_generative", node=C.GenerativeTaskConfig)
     cs.store(group="task", name="base_lmeval", node=C.LMEvalTaskConfig)
     cs.store(group="preset", name="base_preset", node=C.PresetConfig)
+    for name, info in _task_table().items():  # task=<name> for every tasks/<name>.yaml: no conf/task file needed
+        cs.store(group="task", name=name, node=C.GenerativeTaskConfig(name=name, options=dict(info.options)))
+
+
+def _task_table() -> dict:
+    """The generative tasks (``quanteval_tasks.task_table``); a broken task YAML is one line, exit 2."""
+    from quanteval_tasks import task_table
+
+    try:
+        return task_table()
+    except ValueError as e:
+        print(f"quanteval: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 _register()
@@ -54,7 +70,8 @@ class UsageError(Exception):
 
 
 def _choices(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    files = {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
+    return sorted(files | set(_task_table())) if group == "task" else sorted(files)
 
 
 def _check_group_values(overrides: list[str]) -> None:
@@ -121,8 +138,7 @@ def expand_grid(overrides: list[str]) -> tuple[list[list[str]], list[C.RunConfig
     """The job overrides the sweep will launch (config's sweeper params, then the command line),
     each composed and validated; their run configs; how many distinct runs the preset's grid keeps;
     and the sweep's ``results_dir``."""
-    from quanteval.results import run_key
-    from quanteval.sweep import preset_skips, run_settings
+    from quanteval.variant import Run
 
     from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -156,18 +172,40 @@ def expand_grid(overrides: list[str]) -> tuple[list[list[str]], list[C.RunConfig
             _check_inputs(run_cfg)
             run_cfg.use_preset_grid = not user_bits
             cfgs.append(run_cfg)
-            if preset_skips(run_cfg) is None:
-                to_run.add(run_key(run_settings(run_cfg)))  # the baseline's key ignores bits: counted once
+            run = Run.of(run_cfg)
+            if run.preset_skip() is None:
+                to_run.add(run.key)  # the baseline's key ignores bits: counted once
     GlobalHydra.instance().clear()
     return jobs, cfgs, len(to_run), results_dir
 
 
+def _check_folder(field: str, value: str, must_exist: bool = False) -> None:
+    """A folder option: not a file, not under a file, and present when it must be (ValueError, one line)."""
+    p = Path(value).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{field}={value}: is a file, not a folder")
+    parent = next((a for a in p.absolute().parents if a.exists()), None)
+    if not p.exists() and parent is not None and not parent.is_dir():
+        raise ValueError(f"{field}={value}: cannot be created: {parent} is a file, not a folder")
+    if must_exist and not p.exists():
+        raise ValueError(f"{field}={value}: no such folder")
+
+
 def _check_inputs(cfg: C.RunConfig) -> None:
-    """Cheap checks of files a job will read: data and model files."""
+    """Cheap checks of the files and folders a job will read or write: results, data, task and model files."""
     from quanteval.data import data_file, resolve_data_dir
 
     try:
+        _check_folder("results_dir", cfg.results_dir)
+        if cfg.data_dir is not None:
+            _check_folder("data_dir", cfg.data_dir, must_exist=True)
         root = resolve_data_dir(cfg.data_dir)
+        if cfg.task.kind == "lmeval" and cfg.task.include_path:
+            from quanteval.evaluate import check_include_path
+
+            check_include_path(cfg.task.include_path)
+        if cfg.model.source == "hf" and Path(cfg.model.name_or_path).is_file():
+            raise ValueError(f"model.name_or_path={cfg.model.name_or_path}: is a file; give a model folder or a hub id")
         if hasattr(cfg.task, "file"):
             data_file(root, cfg.task.file)
         from quanteval.methods import METHODS
@@ -176,11 +214,14 @@ def _check_inputs(cfg: C.RunConfig) -> None:
             from quanteval.calibration import calibration_file, read_text
 
             c = cfg.calibration
+            if c.path is not None and Path(c.path).is_dir():
+                raise ValueError(f"calibration.path={c.path}: is a folder; give a .jsonl or .txt file")
             read_text(calibration_file(c.dataset, c.path, root))  # empty / malformed: one line, now
         if cfg.task.kind == "generative":
+            from quanteval.evaluate import task_for
+
             _check_task_data(cfg.task.name, root)
-            if not (cfg.task.limit or cfg.preset.limits.get(cfg.task.name)):
-                raise ValueError(f"preset.limits.{cfg.task.name}: missing; set it or task.limit")
+            task_for(cfg.task).limit(cfg)  # no limit for this preset: one line, now
         if cfg.runtime == "packed" and cfg.method.quantizes:
             from quanteval.models import resolve_device
             from quanteval_kernels import resolve_backend
@@ -203,11 +244,11 @@ def _check_task_data(name: str, root: Path) -> None:
 
     A missing local file is not an error here: the task falls back to the hub, and says so if that fails.
     """
-    import importlib
-
     from quanteval.data import data_file, read_jsonl
 
-    rel = getattr(importlib.import_module(f"quanteval_tasks.{name}"), "DATA", None)
+    from quanteval_tasks import load_module, task_table
+
+    rel = getattr(load_module(task_table()[name]), "DATA", None)
     if rel and (root / rel).exists():
         read_jsonl(data_file(root, rel))
 
@@ -222,10 +263,10 @@ class ReportCallback(Callback):
             _BAR.pop("bar").close()
         sweep = Path(config.results_dir).resolve() / config.sweep_name
         try:
-            report_cfg = OmegaConf.to_object(config.report)
-            if not isinstance(report_cfg, C.ReportConfig):
-                report_cfg = C.ReportConfig(**report_cfg)
-            report = build(sweep, thresholds=report_cfg.thresholds())
+            thresholds = OmegaConf.to_object(config.report)
+            if not isinstance(thresholds, Thresholds):
+                thresholds = Thresholds(**thresholds)
+            report = build(sweep, thresholds=thresholds)
         except Exception as e:  # noqa: BLE001 - Hydra would turn it into a warning; the results are kept
             _FAILED.append(f"report ({_first_line(e)}; rerun quanteval-report {sweep})")
         else:
@@ -261,17 +302,19 @@ def _progress(record: dict) -> None:
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _job(cfg: DictConfig) -> None:
     from quanteval.sweep import run_job
+    from quanteval.variant import Variant
 
     run_cfg = to_run_config(cfg)
+    variant = Variant.of(run_cfg).label
     try:
-        record = run_job(run_cfg)
+        record = run_job(run_cfg, _SESSION)
     except WriteError as e:  # e.g. a full disk: nothing half-written; the next job may have room again
         log.error("%s", e)
-        _FAILED.append(f"{run_cfg.task.name} {run_cfg.variant()['label']} ({e})")
+        _FAILED.append(f"{run_cfg.task.name} {variant} ({e})")
         return
     _progress(record)
     if record["status"] == "failed":
-        label = f"{run_cfg.task.name} {run_cfg.variant()['label']} ({record.get('error')})"
+        label = f"{run_cfg.task.name} {variant} ({record.get('error')})"
         if label not in _FAILED:  # the same run reached twice (e.g. the baseline under each bits value)
             _FAILED.append(label)
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from quanteval.thresholds import Thresholds
+
 BITS_RANGE = range(2, 9)  # RTN/GPTQ/AWQ support 2..8 bits
 
 
@@ -112,7 +114,7 @@ class AWQConfig(MethodConfig):
 
 @dataclass
 class TaskConfig:
-    """Base of every task's settings. ``kind`` picks the evaluator (``quanteval.evaluate.get_task``)."""
+    """Base of every task's settings. ``kind`` picks the evaluator (``quanteval.evaluate.TASKS``)."""
 
     name: str = "wikitext2"
     kind: str = "wikitext2"  # wikitext2 | generative | lmeval
@@ -131,21 +133,22 @@ class WikiText2Config(TaskConfig):
         _check(self.top_k >= 1, f"task.top_k={self.top_k}: must be >= 1")
 
 
-GENERATIVE_TASKS = ("ifeval", "mt_bench", "dialogsum", "gsm8k", "arith_chain", "humaneval")
-
-
 @dataclass
 class GenerativeTaskConfig(TaskConfig):
-    """A generative task defined by ``tasks/<name>.yaml`` (see ``quanteval.evaluate.generative``)."""
+    """A generative task defined by ``tasks/<name>.yaml`` (see ``quanteval_tasks``); the CLI registers one
+    ``task=<name>`` choice per YAML, with the YAML's options."""
 
     name: str = "gsm8k"
     kind: str = "generative"
-    limit: Optional[int] = None  # items scored (arith_chain: per number of steps); default preset.limits
-    max_new_tokens: Optional[int] = None  # token cap; default preset.max_new_tokens, then the YAML's
+    limit: Optional[int] = None  # items scored (arith_chain: per number of steps); default: the preset's
+    max_new_tokens: Optional[int] = None  # token cap; default: the preset's (see PresetConfig.limits)
     options: dict[str, Any] = field(default_factory=dict)  # passed to the task's loader (arith_chain: seed, k_min, k_max)
 
     def __post_init__(self) -> None:
-        _check(self.name in GENERATIVE_TASKS, f"task.name={self.name!r}: must be one of {', '.join(GENERATIVE_TASKS)}")
+        from quanteval_tasks import task_table  # tasks/*.yaml (and $QUANTEVAL_TASK_PATH's)
+
+        names = sorted(task_table())
+        _check(self.name in names, f"task.name={self.name!r}: must be one of {', '.join(names)}")
         _check(self.limit is None or (isinstance(self.limit, int) and self.limit > 0),
                f"task.limit={self.limit}: must be a positive number of items")
         _check(self.max_new_tokens is None or self.max_new_tokens > 0,
@@ -183,8 +186,10 @@ class PresetConfig:
     # bits each method runs at in the default grid; unlisted methods run at every width.
     # Ignored when the command line sets `bits`.
     method_bits: dict[str, list[int]] = field(default_factory=dict)
-    limits: dict[str, int] = field(default_factory=dict)  # items per generative task (arith_chain: per k)
-    max_new_tokens: dict[str, int] = field(default_factory=dict)  # token cap per generative task
+    # items / token cap per task, overriding the sizes each tasks/<name>.yaml gives this preset by name
+    # (metadata.quanteval.sweep.presets); lm-eval tasks take limits.lmeval
+    limits: dict[str, int] = field(default_factory=dict)
+    max_new_tokens: dict[str, int] = field(default_factory=dict)
     # sequences generated together: "auto" sizes it from free memory (quanteval.generate.auto_batch_size);
     # greedy outputs do not depend on it, so it is not part of a run's key
     gen_batch_size: str = "auto"
@@ -220,33 +225,6 @@ class CalibrationConfig:
 
 
 @dataclass
-class ReportConfig:
-    """Verdict thresholds of the report (see ``quanteval.report.cells``); the defaults are documented there."""
-
-    survives: float = 0.97  # retained quality (score / baseline score) at or above: survives
-    collapses: float = 0.5  # retained quality below: collapses
-    kl_survives: float = 0.1  # mean KL below this: survives
-    kl_collapses: float = 1.0  # mean KL at or above this: collapses
-    top1_survives: float = 0.9  # same-top-token rate at or above: survives
-    top1_collapses: float = 0.5  # same-top-token rate below: collapses
-    floor: float = 0.05  # a baseline within this of chance is "at floor" (judged by fidelity instead)
-    chance: dict[str, float] = field(default_factory=dict)  # task -> chance level (default 0)
-
-    def __post_init__(self) -> None:
-        _check(0 < self.kl_survives < self.kl_collapses, "report.kl_survives must be > 0 and < report.kl_collapses")
-        _check(0 < self.collapses < self.survives, "report.collapses must be > 0 and < report.survives")
-        _check(0 < self.top1_collapses < self.top1_survives <= 1,
-               "report.top1_collapses must be > 0 and < report.top1_survives <= 1")
-
-    def thresholds(self):
-        from quanteval.report.cells import Thresholds
-
-        return Thresholds(survives=self.survives, collapses=self.collapses, kl_survives=self.kl_survives,
-                          kl_collapses=self.kl_collapses, top1_survives=self.top1_survives,
-                          top1_collapses=self.top1_collapses, floor=self.floor, chance=dict(self.chance))
-
-
-@dataclass
 class RunConfig:
     """One job of the sweep: a model, a method at bits/group_size/sym, a task, a preset."""
 
@@ -256,7 +234,7 @@ class RunConfig:
     task: Any = None
     preset: Any = None
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    report: ReportConfig = field(default_factory=ReportConfig)
+    report: Thresholds = field(default_factory=Thresholds)  # the report's verdict thresholds (report.*)
     bits: int = 4  # 2..8; ignored by method=none
     group_size: int = 64  # -1 = per output channel; 64 divides every layer of both embedded models
     sym: bool = False  # asymmetric (min/max with zero point) by default
@@ -303,11 +281,3 @@ class RunConfig:
         if self.runtime == "packed" and self.method.quantizes:
             _check(self.bits in (2, 3, 4, 8), f"bits={self.bits}: runtime=packed holds 2, 3, 4 and 8 bits; "
                                               f"5-7 stay fake-quant (runtime=fakequant)")
-
-    def variant(self) -> dict:
-        """The quantisation variant of this job; the baseline carries no bits/group/sym."""
-        if not self.method.quantizes:
-            return {"method": "none", "bits": None, "group_size": None, "sym": None, "label": "baseline"}
-        label = f"{self.method.name} w{self.bits} g{self.group_size}" + (" sym" if self.sym else "")
-        return {"method": self.method.name, "bits": self.bits, "group_size": self.group_size,
-                "sym": self.sym, "label": label}

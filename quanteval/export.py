@@ -97,11 +97,11 @@ def find_run(run: str | Path, results_dir: Path) -> Path:
 
 
 def quant_cache_path(run_file: Path, record: dict) -> Path:
-    """Where the sweep cached this run's result (``sweep.quantize``: settings without task/preset/git)."""
-    settings = record["settings"]
-    from quanteval.sweep import quant_key
+    """Where the sweep cached this run's result (``Variant.quant_key``: settings without task/preset/git)."""
+    from quanteval.variant import quant_key_of
 
-    key = quant_key(settings)
+    settings = record["settings"]
+    key = quant_key_of(settings)
     root = run_file.resolve().parents[2]  # <results>/<sweep>/runs/<file>
     return root / "cache" / "quant" / f"{settings['method']['name']}-{key}.pt"
 

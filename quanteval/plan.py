@@ -54,24 +54,20 @@ def _median(xs: list[float]) -> float | None:
 def job_state(cfg: RunConfig) -> dict:
     """Where one job stands: run done?, quantisation cached?, baseline cached? (no model is loaded)."""
     from quanteval.data import resolve_data_dir
-    from quanteval.evaluate import get_task
-    from quanteval.methods import METHODS
-    from quanteval.sweep import JobContext, _model_key, cache_dir, preset_skips, quant_cache_path, run_path, run_settings
+    from quanteval.evaluate import TaskContext, task_for
+    from quanteval.variant import Run
 
-    key = results.run_key(run_settings(cfg))
-    path = run_path(cfg, key)
-    skip = preset_skips(cfg)
-    if skip:
+    run = Run.of(cfg)
+    if run.preset_skip():
         status = "not in grid"
-    elif results.completed(path):
-        status = results.read_run(path)["status"]
+    elif results.completed(run.path):
+        status = results.read_run(run.path)["status"]
     else:
         status = "to do"
-    quant_path = None if METHODS[cfg.method.name] is None else quant_cache_path(cfg)
-    ctx = JobContext(cfg, None, resolve_data_dir(cfg.data_dir), cache_dir(cfg), results.run_key(_model_key(cfg)))
-    baseline = all(p.exists() for p in get_task(cfg.task).cache_paths(ctx))
-    return {"key": key, "path": path, "status": status, "quant_path": quant_path,
-            "quant_cached": None if quant_path is None else quant_path.exists(), "baseline_cached": baseline}
+    ctx = TaskContext(run, None, resolve_data_dir(cfg.data_dir))
+    baseline = all(p.exists() for p in task_for(cfg.task).cache_paths(ctx))
+    return {"run": run, "key": run.key, "path": run.path, "status": status, "quant_path": run.quant_path,
+            "quant_cached": None if run.quant_path is None else run.quant_path.exists(), "baseline_cached": baseline}
 
 
 def plan(cfgs: list[RunConfig]) -> str:
@@ -108,7 +104,7 @@ def plan(cfgs: list[RunConfig]) -> str:
     for cfg, st in rows:
         q = "-" if st["quant_cached"] is None else ("cached" if st["quant_cached"] else "to compute")
         b = "cached" if st["baseline_cached"] else "to compute"
-        lines.append(f"{cfg.task.name:<12} {cfg.variant()['label']:<22} {st['status']:<10} {q:<12} {b:<14} "
+        lines.append(f"{cfg.task.name:<12} {st['run'].variant.label:<22} {st['status']:<10} {q:<12} {b:<14} "
                      f"{st['path'].name}")
     n_done = sum(s["status"] in ("ok", "collapsed") for _, s in rows)
     lines.append(f"\n{len(rows)} distinct runs: {n_done} done, {len(todo)} to run.")

@@ -1,17 +1,19 @@
-"""Run one job of the grid: load (cached per process), quantise, evaluate, store.
+"""Run one job of the grid: load (once per session), quantise (cached), evaluate, store.
 
-Hydra's launcher calls ``run_job`` once per job. Work that several jobs
-share is done once:
+Hydra's launcher calls ``run_job(cfg, session)`` once per job; the CLI keeps one ``Session`` per
+process (``quanteval.session``), so work that several jobs share is done once:
 
-- the model is loaded once per process (``_MODEL``) and each variant is built
-  from a saved copy of the baseline weights;
-- the baseline's task outputs are computed once and kept on disk (see each
-  task's ``baseline``), keyed by everything that changes them;
-- a job whose run file already holds ``status: ok`` is skipped (resume);
-  ``rerun=true`` recomputes it.
+- the model is loaded once per process and each variant starts from the baseline weights;
+- each variant's quantisation result and each task's baseline outputs are cached on disk, keyed by
+  everything that changes them (``quanteval.variant``), under file locks that parallel jobs share;
+- a job whose run file already holds ``status: ok`` is skipped (resume); ``rerun=true`` recomputes it.
 
-A job that fails writes a ``status: failed`` run file with a one-line error
-(never one that looks complete) and the sweep goes on with the next job.
+A generative run of a quantised variant depends on the variant's WikiText-2 run: when that run has
+not finished yet it is run first (the collapse gate reads it). A variant whose WikiText-2 mean KL
+exceeds ``collapse_kl`` is recorded as ``collapsed`` on its generative tasks without generating.
+
+A job that fails writes a ``status: failed`` run file with a one-line error (never one that looks
+complete) and the sweep goes on with the next job.
 """
 
 from __future__ import annotations
@@ -19,11 +21,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import platform
-import re
 import resource
 import time
 import traceback
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,194 +32,45 @@ import torch
 import quanteval
 from quanteval import results
 from quanteval.accounting import compression
-from quanteval.config import RunConfig
+from quanteval.config import RunConfig, WikiText2Config
 from quanteval.data import resolve_data_dir
-from quanteval.methods import METHODS, QuantSpec, apply_result
-from quanteval.models import LoadedModel, adapter_for, load_model, resolve_device, resolve_dtype
+from quanteval.evaluate import Task, TaskContext, TaskResult, task_for
+from quanteval.methods import METHODS, QuantResult, QuantSpec, apply_result
+from quanteval.models import adapter_for
+from quanteval.session import Session
+from quanteval.variant import Run
 
 log = logging.getLogger(__name__)
 
-_MODEL: dict = {}  # process-level cache: {"key": ..., "loaded": LoadedModel, "base_state": {...}}
-_CALIB: dict = {}  # process-level cache: {calibration key: BlockInputs}, one entry at a time
-_DONE: set[str] = set()  # run keys finished by this process (rerun=true still computes each once)
-_REFRESHED: set[Path] = set()  # cache files written by this process (rerun=true rewrites each once)
 
+def quantize(run: Run, ctx: TaskContext) -> QuantResult:
+    """The variant's quantisation result: from the on-disk cache, else computed once (under a lock) and cached.
 
-@dataclass
-class JobContext:
-    """Everything a task needs to score the model currently in memory."""
-
-    cfg: RunConfig
-    loaded: LoadedModel
-    data_root: Path
-    cache_dir: Path
-    model_key: str  # identifies the baseline weights (name + provenance + dtype)
-
-    def needs(self, path: Path) -> bool:
-        """Whether a cache file must be (re)computed: missing, or ``rerun`` and not yet refreshed here."""
-        return not path.exists() or (self.cfg.rerun and path not in _REFRESHED)
-
-    def wrote(self, path: Path) -> None:
-        _REFRESHED.add(path)
-
-
-def sweep_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.results_dir).resolve() / cfg.sweep_name
-
-
-def cache_dir(cfg: RunConfig) -> Path:
-    """Caches shared by every sweep under one results_dir."""
-    return Path(cfg.results_dir).resolve() / "cache"
-
-
-def _model_key(cfg: RunConfig) -> dict:
-    return {"model": dataclasses.asdict(cfg.model), "dtype": cfg.dtype, "device": cfg.device}
-
-
-def run_settings(cfg: RunConfig) -> dict:
-    """Every setting that changes this run's result; hashed into the run key."""
-    settings = {
-        **_model_key(cfg),
-        "variant": cfg.variant(),
-        "task": dataclasses.asdict(cfg.task),
-        "preset": _preset_settings(cfg),
-        "quanteval": quanteval.__version__,
-        "git": results.git_commit(),
-    }
-    if cfg.runtime != "fakequant":  # only then: the keys of fake-quant runs stay as they were
-        settings["runtime"] = {"runtime": cfg.runtime, "kernel": cfg.kernel}
-    if cfg.method.quantizes:
-        settings["method"] = dataclasses.asdict(cfg.method)
-        settings["quantize_embeddings"] = cfg.quantize_embeddings
-        if METHODS[cfg.method.name].needs_calibration:
-            settings["calibration"] = calibration_settings(cfg)
-    return settings
-
-
-def _preset_settings(cfg: RunConfig) -> dict:
-    """The preset's fields that change this task's result (so resizing one task keeps the others' runs)."""
-    p, kind, name = cfg.preset, cfg.task.kind, cfg.task.name
-    if kind == "wikitext2":
-        return {"n_windows": p.n_windows, "seq_len": p.seq_len}
-    if kind == "lmeval":
-        return {"limit": p.limits.get("lmeval")}
-    return {"limit": p.limits.get(name), "max_new_tokens": p.max_new_tokens.get(name),
-            "sandbox": cfg.sandbox, "judge": cfg.judge}
-
-
-def preset_skips(cfg: RunConfig) -> str | None:
-    """Why the preset's grid leaves this job out (None when it runs).
-
-    ``preset.method_bits`` trims the default Cartesian grid (e.g. GPTQ/AWQ only at 4 and 3 bits
-    on a CPU); ``use_preset_grid`` is turned off by the CLI when the user sets ``bits`` explicitly.
+    The cache key is the run's settings without the task's (``Variant.quant_key``): every task reuses one
+    result. The quanteval version is in the key, the git commit is not: a commit that changes a method
+    bumps the version.
     """
-    allowed = cfg.preset.method_bits.get(cfg.method.name)
-    if not cfg.use_preset_grid or allowed is None or cfg.bits in allowed:
-        return None
-    return (f"not in preset {cfg.preset.name}'s grid (preset.method_bits.{cfg.method.name}={list(allowed)}); "
-            f"set bits explicitly to run it")
+    variant = run.variant
 
-
-def calibration_settings(cfg: RunConfig) -> dict:
-    return {"dataset": cfg.calibration.dataset, "path": cfg.calibration.path, "seed": cfg.seed,
-            "n_samples": cfg.preset.calib_samples, "seq_len": cfg.preset.calib_seq_len}
-
-
-def calibration_inputs(cfg: RunConfig, ctx: "JobContext", adapter):
-    """First-block inputs of the calibration set: captured once per model and settings, per process."""
-    from quanteval.calibration import calibration_file, calibration_ids, capture_inputs
-
-    key = results.run_key({"model": ctx.model_key, **calibration_settings(cfg)})
-    if key not in _CALIB:
-        _CALIB.clear()
-        c = cfg.calibration
-        file = calibration_file(c.dataset, c.path, ctx.data_root)
-        ids = calibration_ids(ctx.loaded.tokenizer, file, cfg.preset.calib_samples, cfg.preset.calib_seq_len, cfg.seed)
-        log.info("capturing first-block inputs: %d x %d tokens from %s", *ids.shape, file.name)
-        _CALIB[key] = capture_inputs(ctx.loaded.model, adapter, ids, c.batch_size)
-    return _CALIB[key]
-
-
-def quant_cache_path(cfg: RunConfig) -> Path:
-    """Where this variant's quantisation result is cached: keyed by the run's settings without the task's.
-
-    The quanteval version is in the key, the git commit is not: a commit that changes a method bumps
-    the version.
-    """
-    return cache_dir(cfg) / "quant" / f"{cfg.method.name}-{quant_key(run_settings(cfg))}.pt"
-
-
-def quant_key(settings: dict) -> str:
-    """The quantisation cache key of a run's settings: all but the task's, the git commit and the runtime."""
-    return results.run_key({k: v for k, v in settings.items() if k not in ("task", "preset", "git", "runtime")})
-
-
-def quantize(cfg: RunConfig, ctx: "JobContext"):
-    """The method's result for this job: from the on-disk cache, else computed once (under a lock) and cached.
-
-    The cache key is the run's settings without the task's: every task reuses one result.
-    """
-    from filelock import FileLock
-
-    from quanteval.methods import QuantResult
-
-    path = quant_cache_path(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):  # parallel jobs of one variant (other tasks) wait and reuse it
-        if not ctx.needs(path):
-            log.info("reusing cached %s result %s", cfg.method.name, path.name)
-            result = QuantResult.load(path)
-            result.info = {**result.info, "from_cache": True}
-            return result
-        result = _compute_quant(cfg, ctx, METHODS[cfg.method.name])
+    def compute() -> QuantResult:
+        method = METHODS[variant.method.name]
+        model = ctx.loaded.model
+        adapter = adapter_for(model)
+        calib = (ctx.session.calibration(variant, ctx.loaded, ctx.data_root, adapter)
+                 if method.needs_calibration else None)
+        spec = QuantSpec(variant.bits, variant.group_size, variant.sym, variant.quantize_embeddings)
+        torch.manual_seed(variant.seed)
+        result = method.compute(model, adapter, spec, variant.method, calib)
         result.info["from_cache"] = False
-        result.save(path)
-        ctx.wrote(path)
         return result
 
+    def load(path: Path) -> QuantResult:
+        log.info("reusing cached %s result %s", variant.method.name, path.name)
+        result = QuantResult.load(path)
+        result.info = {**result.info, "from_cache": True}
+        return result
 
-def _compute_quant(cfg: RunConfig, ctx: "JobContext", method):
-    model = ctx.loaded.model
-    adapter = adapter_for(model)
-    calib = calibration_inputs(cfg, ctx, adapter) if method.needs_calibration else None
-    spec = QuantSpec(cfg.bits, cfg.group_size, cfg.sym, cfg.quantize_embeddings)
-    torch.manual_seed(cfg.seed)
-    return method.compute(model, adapter, spec, cfg.method, calib)
-
-
-def run_path(cfg: RunConfig, key: str) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", cfg.variant()["label"]).strip("-")
-    return sweep_dir(cfg) / "runs" / f"{cfg.task.name}__{cfg.model.name}__{slug}__{key[:12]}.json"
-
-
-def get_model(cfg: RunConfig) -> tuple[LoadedModel, str]:
-    """The baseline model for ``cfg``, loaded once per process and restored to baseline weights."""
-    key = results.run_key(_model_key(cfg))
-    if _MODEL.get("key") != key:
-        _MODEL.clear()  # one model in memory at a time
-        device = resolve_device(cfg.device)
-        loaded = load_model(cfg.model, device, resolve_dtype(cfg.dtype, device))
-        base_state = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
-        _MODEL.update(key=key, loaded=loaded, base_state=base_state, dirty=False)
-    elif _MODEL.get("packed"):  # modules were swapped for QuantLinear: rebuild from the saved weights
-        loaded = _MODEL["loaded"]
-        _MODEL["loaded"] = type(loaded)(**{**loaded.__dict__, "model": _rebuild(loaded.model, _MODEL["base_state"])})
-        _MODEL["packed"] = False
-    elif _MODEL["dirty"]:
-        _MODEL["loaded"].model.load_state_dict(_MODEL["base_state"])
-    _MODEL["dirty"] = False
-    return _MODEL["loaded"], key
-
-
-def _rebuild(model, base_state: dict):
-    """A fresh model of ``model``'s config holding ``base_state`` (after ``pack_model`` swapped its modules)."""
-    from transformers import AutoModelForCausalLM
-
-    dtype = next(iter(base_state.values())).dtype
-    fresh = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
-    fresh.load_state_dict(base_state)
-    fresh.generation_config = model.generation_config
-    return fresh.to(next(model.parameters()).device).eval()
+    return ctx.cached(run.quant_path, compute, save=lambda path, result: result.save(path), load=load)
 
 
 def _versions() -> dict:
@@ -235,40 +86,25 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def items_path(run_file: Path) -> Path:
-    """Per-item records of a run, beside its run file (JSONL)."""
-    return run_file.with_name(run_file.stem + ".items.jsonl")
-
-
-def fidelity_kl(cfg: RunConfig) -> tuple[float | None, Path]:
-    """This variant's WikiText-2 mean KL to the baseline, from its run in this sweep (run first if missing)."""
-    from quanteval.config import WikiText2Config
-
-    wt = dataclasses.replace(cfg, task=WikiText2Config())
-    path = run_path(wt, results.run_key(run_settings(wt)))
-    rec = results.read_run(path) if results.completed(path) else run_job(wt)
-    return (rec.get("metrics") or {}).get("kl_mean") if rec.get("status") == "ok" else None, path
-
-
-def collapse_reason(cfg: RunConfig, task) -> str | None:
-    """Why this job's generation is skipped (the variant collapsed), or None."""
-    if not getattr(task, "generative", False) or not cfg.method.quantizes or cfg.force_generate:
+def gate_run(run: Run, task: Task) -> Run | None:
+    """The run whose result the collapse gate reads before ``run`` (its variant's WikiText-2 run), or None."""
+    if not task.generative or not run.variant.quantizes or run.cfg.force_generate:
         return None
-    kl, path = fidelity_kl(cfg)
-    if kl is None or kl <= cfg.collapse_kl:
+    return run.with_task(WikiText2Config())
+
+
+def collapse_reason(run: Run, gate: Run | None) -> str | None:
+    """Why this run's generation is skipped (its variant collapsed on WikiText-2), or None.
+
+    Reads the finished WikiText-2 run; a failed or missing one gates nothing."""
+    if gate is None or not results.completed(gate.path):
         return None
-    return (f"collapsed on language-model fidelity: WikiText-2 mean KL {kl:.3g} > collapse_kl={cfg.collapse_kl:g} "
-            f"({path.name}); generation skipped, force_generate=true runs it")
-
-
-def lock_path(path: Path) -> Path:
-    """The lock file guarding one run file (under ``<sweep>/locks/``, out of the runs folder)."""
-    return path.parent.parent / "locks" / (path.stem + ".lock")
-
-
-def log_path(path: Path) -> Path:
-    """The log of one run, beside its run file."""
-    return path.with_suffix(".log")
+    rec = results.read_run(gate.path)
+    kl = (rec.get("metrics") or {}).get("kl_mean") if rec.get("status") == "ok" else None
+    if kl is None or kl <= run.cfg.collapse_kl:
+        return None
+    return (f"collapsed on language-model fidelity: WikiText-2 mean KL {kl:.3g} > collapse_kl={run.cfg.collapse_kl:g} "
+            f"({gate.path.name}); generation skipped, force_generate=true runs it")
 
 
 class _RunLog:
@@ -293,7 +129,7 @@ class _RunLog:
         self.handler.close()
 
 
-def run_job(cfg: RunConfig) -> dict:
+def run_job(cfg: RunConfig, session: Session) -> dict:
     """Run (or skip, when done) one job; returns its run record.
 
     Jobs of parallel sweeps (a SLURM array, two sweeps on one results_dir) share the store: each run
@@ -301,136 +137,147 @@ def run_job(cfg: RunConfig) -> dict:
     The OS releases the lock when its holder dies (``kill -9`` included), so a killed job's lock is
     never stale; its half-written files are temporary files that nothing reads.
     """
+    run = Run.of(cfg)
+    gate = gate_run(run, task_for(cfg.task))
+    if gate is not None and not results.completed(gate.path):
+        run_one(gate, session)  # the collapse gate reads it: run it first
+    return run_one(run, session)
+
+
+def run_one(run: Run, session: Session) -> dict:
+    """Run (or skip, when done) one run, with no dependencies run first; returns its run record."""
     from filelock import FileLock
 
-    settings = run_settings(cfg)
-    key = results.run_key(settings)
-    path = run_path(cfg, key)
-    if key in _DONE and path.exists():  # reached again in this process (e.g. the baseline under each bits value)
+    path = run.path
+    if run.key in session.done and path.exists():  # reached again (e.g. the baseline under each bits value)
         return results.read_run(path)
-    done = _finished(cfg, path)
+    done = _finished(run)
     if done:
         log.info("done already, skipping: %s", path.name)
         return done
-    skip = preset_skips(cfg)
+    skip = run.preset_skip()
     if skip:
-        log.info("%s: %s", cfg.variant()["label"], skip)
+        log.info("%s: %s", run.variant.label, skip)
         return {"status": "skipped", "reason": skip}
-    lock = FileLock(str(lock_path(path)))
-    lock_path(path).parent.mkdir(parents=True, exist_ok=True)
+    run.lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run.lock_path))
     try:
         lock.acquire(timeout=0)
     except TimeoutError:
         log.info("%s is being computed by another job: waiting for it", path.name)
         lock.acquire()
     try:
-        done = _finished(cfg, path)  # another job may have finished it while this one waited
+        done = _finished(run)  # another job may have finished it while this one waited
         if done:
-            _DONE.add(key)
+            session.done.add(run.key)
             return done
-        with _RunLog(log_path(path)):
-            log.info("run %s: %s %s (key %s)", path.name, cfg.task.name, cfg.variant()["label"], key[:12])
-            return _compute(cfg, settings, key, path)
+        with _RunLog(run.log_path):
+            log.info("run %s: %s %s (key %s)", path.name, run.task, run.variant.label, run.key[:12])
+            return _compute(run, session)
     finally:
         lock.release()
 
 
-def _finished(cfg: RunConfig, path: Path) -> dict | None:
-    """The run record at ``path`` when it needs no recomputing (not ``rerun``; a collapsed run is
+def _finished(run: Run) -> dict | None:
+    """The run record at ``run.path`` when it needs no recomputing (not ``rerun``; a collapsed run is
     recomputed under ``force_generate``), else None."""
-    if cfg.rerun or not results.completed(path):
+    if run.cfg.rerun or not results.completed(run.path):
         return None
-    done = results.read_run(path)
-    return None if done["status"] == "collapsed" and cfg.force_generate else done
+    done = results.read_run(run.path)
+    return None if done["status"] == "collapsed" and run.cfg.force_generate else done
 
 
-def _compute(cfg: RunConfig, settings: dict, key: str, path: Path) -> dict:
-    from quanteval.evaluate import get_task
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _compute(run: Run, session: Session) -> dict:
     from quanteval.packed import model_bytes  # packed codes count as packed
 
+    cfg, variant = run.cfg, run.variant
+    task = task_for(cfg.task)
     base_record = {
-        "run_key": key, "sweep_name": cfg.sweep_name, "task": cfg.task.name,
-        "variant": cfg.variant(), "config": dataclasses.asdict(cfg), "settings": settings,
+        "run_key": run.key, "sweep_name": cfg.sweep_name, "task": run.task,
+        "variant": variant.info(), "config": dataclasses.asdict(cfg), "settings": run.settings,
     }
+    meta = task.task_meta()
+    if meta is not None:
+        base_record["task_meta"] = meta
     timings: dict[str, float] = {}
-    items = None
+    scored: TaskResult | None = None
     try:
-        task = get_task(cfg.task)
-        collapsed = collapse_reason(cfg, task)
+        collapsed = collapse_reason(run, gate_run(run, task))
         if collapsed:
-            log.info("%s %s: %s", cfg.task.name, cfg.variant()["label"], collapsed)
+            log.info("%s %s: %s", run.task, variant.label, collapsed)
             record = {**base_record, "status": "collapsed", "reason": collapsed, "metrics": {},
-                      "model": {"name": cfg.model.name},
-                      "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-            results.write_run(path, record)
-            _DONE.add(key)
+                      "model": {"name": cfg.model.name}, "created": _now()}
+            results.write_run(run.path, record)
+            session.done.add(run.key)
             return record
         t0 = time.perf_counter()
-        loaded, model_key = get_model(cfg)
+        loaded = session.model(variant)
         timings["load_s"] = time.perf_counter() - t0
         model = loaded.model
         device = next(model.parameters()).device
-        ctx = JobContext(cfg, loaded, resolve_data_dir(cfg.data_dir), cache_dir(cfg), model_key)
+        ctx = TaskContext(run, loaded, resolve_data_dir(cfg.data_dir), session)
         t0 = time.perf_counter()
         task.baseline(ctx)  # computed once, cached on disk; needs the baseline weights
         timings["baseline_s"] = time.perf_counter() - t0
         param_count = sum(p.numel() for p in model.parameters())
         layers, quant_info = {}, {}
-        if cfg.method.quantizes:
+        if variant.quantizes:
             t0 = time.perf_counter()
-            result = quantize(cfg, ctx)
-            _MODEL["dirty"] = True
-            if cfg.runtime == "packed":
+            result = quantize(run, ctx)
+            session.modified(packed=variant.runtime == "packed")
+            if variant.runtime == "packed":
                 from quanteval.packed import pack_model
 
-                _MODEL["packed"] = True
-                pack_model(model, result, backend=cfg.kernel)
+                pack_model(model, result, backend=variant.kernel)
             else:
                 apply_result(model, result)
             layers = result.layers
             timings["quantize_s"] = time.perf_counter() - t0
             quant_info = result.info
         t0 = time.perf_counter()
-        metrics = task.score(ctx)
+        scored = task.score(ctx)
         timings["eval_s"] = time.perf_counter() - t0
-        per_window = metrics.pop("per_window", None)
-        items = metrics.pop("items", None)
-        extra = {k: metrics.pop(k) for k in ("breakdown", "primary_metric", "sandbox") if k in metrics}
-        if extra.get("sandbox") == "none":
+        extra = ({k: getattr(scored, k) for k in ("breakdown", "primary_metric", "sandbox")}
+                 if scored.primary_metric is not None else {})  # generative tasks: all three, as in 0.2.0
+        if scored.sandbox == "none":
             extra["unsafe"] = "generated code ran without the sandbox (sandbox=none)"
         record = {
             **base_record,
             "status": "ok",
             "model": {"name": cfg.model.name, "provenance": _provenance_line(loaded.provenance),
                       **loaded.provenance},
-            "metrics": metrics,
-            "per_window": per_window,
+            "metrics": scored.metrics,
+            "per_window": scored.per_window,
             **extra,
             "compression": compression(param_count, layers),
             "quantization": quant_info,
             "timings": timings,
             "peak_memory_mb": _peak_memory_mb(device),
-            "memory": {"runtime": cfg.runtime, "resident_bytes": model_bytes(model)},
+            "memory": {"runtime": variant.runtime, "resident_bytes": model_bytes(model)},
             "versions": _versions(),
             "device": str(device),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": _now(),
         }
     except Exception as e:  # noqa: BLE001 - recorded as a failed run, and the sweep goes on
         line = f"{type(e).__name__}: {e}".splitlines()[0]
-        log.error("run failed (%s): %s", cfg.variant()["label"], line)
+        log.error("run failed (%s): %s", variant.label, line)
         log.debug("%s", traceback.format_exc())
         record = {**base_record, "status": "failed", "error": line, "timings": timings,
-                  "model": {"name": cfg.model.name},
-                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    if items is not None:  # the items first: a run file with status ok always has its items beside it
+                  "model": {"name": cfg.model.name}, "created": _now()}
+        scored = None
+    if scored is not None and scored.items is not None:  # the items first: an ok run file always has them
         from quanteval.evaluate.generative import write_items
 
-        write_items(items_path(path), items)
-        record["items_file"] = items_path(path).name
-    results.write_run(path, record)
-    _DONE.add(key)
+        write_items(run.items_path, scored.items)
+        record["items_file"] = run.items_path.name
+    results.write_run(run.path, record)
+    session.done.add(run.key)
     if record["status"] == "ok":
-        log.info("%s %s: %s", cfg.task.name, cfg.variant()["label"], _summary(record["metrics"]))
+        log.info("%s %s: %s", run.task, variant.label, _summary(record["metrics"]))
     return record
 
 
@@ -441,4 +288,3 @@ def _provenance_line(p: dict) -> str:
 def _summary(m: dict) -> str:
     keys = [k for k in ("ppl", "kl_mean", "same_top1", "primary", "tf_kl_mean", "flip_rate") if k in m]
     return " ".join(f"{k}={m[k]:.4g}" for k in keys)
-

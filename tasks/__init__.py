@@ -80,7 +80,7 @@ def task_dirs() -> list[Path]:
     return [TASK_DIR, *extra]
 
 
-def _loader():
+def yaml_loader():
     import yaml
 
     class Loader(yaml.SafeLoader):
@@ -97,7 +97,7 @@ def read_info(path: Path) -> TaskInfo:
     path = Path(path)
     name = path.stem
     try:
-        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=_loader())
+        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=yaml_loader())
     except (OSError, yaml.YAMLError) as e:
         raise ValueError(f"{path}: not a readable task YAML ({' '.join(str(e).split())})") from None
     if not isinstance(doc, dict):
@@ -159,6 +159,23 @@ def _table(dirs: tuple[Path, ...]) -> dict[str, TaskInfo]:
 def task_table() -> dict[str, TaskInfo]:
     """Every task quanteval can run, by name (this package's and ``$QUANTEVAL_TASK_PATH``'s)."""
     return dict(_table(tuple(task_dirs())))
+
+
+def load_module(info: TaskInfo):
+    """The Python module beside a task's YAML (``quanteval_tasks.<name>`` for this package's tasks)."""
+    import importlib
+    import importlib.util
+    import sys
+
+    if info.module.parent == TASK_DIR:
+        return importlib.import_module(f"quanteval_tasks.{info.name}")
+    name = f"quanteval_user_tasks.{info.name}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, info.module)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def hashed_yaml_text(path: Path) -> str:

@@ -1,44 +1,126 @@
-"""Evaluation tasks.
+"""Evaluation tasks: the ``Task`` protocol and the ``TASKS`` table.
 
-``get_task(task_config)`` gives, by the config's ``kind``, an object with two methods:
+A task config's ``kind`` picks its class in ``TASKS``; ``task_for(task_config)`` builds one. Every task
+answers four calls, given a ``TaskContext`` (the run, the model in memory, the data root, the session):
 
-- ``baseline(ctx)``: compute and cache on disk what the task needs from the
-  unquantised model (called with baseline weights in memory; a no-op when
-  the cache exists);
-- ``score(ctx) -> dict``: the metrics of the model currently in memory.
+- ``preset_settings(cfg) -> dict``: the preset's fields that change this task's result (they enter
+  the run key, so resizing one task keeps the other tasks' runs);
+- ``cache_paths(ctx) -> list[Path]``: the baseline cache files it reads (``plan=true`` checks them;
+  needs no model);
+- ``baseline(ctx)``: compute and cache on disk what it needs from the unquantised model (called
+  with the baseline weights in memory; a no-op when the cache exists);
+- ``score(ctx) -> TaskResult``: the metrics of the model in memory;
+- ``task_meta() -> dict | None``: what run files keep of the task for the report (kind of work,
+  licence, chart hints), so a report of copied results needs no task files.
+
+``generative`` says whether the collapse gate applies: a generative task is skipped for a variant
+whose WikiText-2 run collapsed. Generative tasks are ``tasks/<name>.yaml`` + ``tasks/<name>.py``
+(see ``quanteval_tasks``), all run by ``GenerativeTask``::
+
+    task = task_for(GenerativeTaskConfig(name="gsm8k"))
+    task.baseline(ctx)
+    result = task.score(ctx)        # TaskResult(metrics={"exact_match,flexible-extract": ...}, items=[...])
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Callable, Optional, Protocol, TypeVar
 
 from quanteval import results
 from quanteval.data import data_file
-from quanteval.evaluate import fidelity
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class TaskResult:
+    """What ``Task.score`` returns: run-level metrics, and what the run file keeps beside them."""
+
+    metrics: dict[str, Any]  # name -> number (the run file's "metrics")
+    items: Optional[list[dict]] = None  # per-item records (written to <run>.items.jsonl)
+    per_window: Optional[dict] = None  # WikiText-2: per-window values for the report's bootstrap
+    breakdown: Optional[dict] = None  # primary metric and KL by each tag value
+    primary_metric: Optional[str] = None  # the headline metric's name
+    sandbox: Optional[str] = None  # the sandbox generated code ran in (code tasks)
+
+
+@dataclass
+class TaskContext:
+    """Everything a task needs to score the model in memory for one run."""
+
+    run: Any  # quanteval.variant.Run
+    loaded: Any  # quanteval.models.LoadedModel, or None (plan=true: paths only)
+    data_root: Path
+    session: Any = None  # quanteval.session.Session (None: nothing is computed)
+
+    @property
+    def cfg(self):
+        return self.run.cfg
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.run.cache_dir
+
+    @property
+    def model_key(self) -> str:
+        """Identifies the baseline weights (model + provenance settings + dtype + device)."""
+        return self.run.variant.model_key
+
+    def cached(self, path: Path, compute: Callable[[], T], save: Callable[[Path, T], None],
+               load: Optional[Callable[[Path], T]] = None, requires: tuple[Path, ...] = ()) -> T:
+        """``Session.cached`` with this run's ``rerun``."""
+        return self.session.cached(path, compute, save, load, rerun=self.cfg.rerun, requires=requires)
+
+
+class Task(Protocol):
+    """What the sweep asks of a task (see the module docstring)."""
+
+    generative: bool
+
+    def preset_settings(self, cfg) -> dict: ...
+
+    def task_meta(self) -> Optional[dict]: ...
+
+    def cache_paths(self, ctx: TaskContext) -> list[Path]: ...
+
+    def baseline(self, ctx: TaskContext) -> None: ...
+
+    def score(self, ctx: TaskContext) -> TaskResult: ...
 
 
 class WikiText2:
     """Perplexity and KL / top-1 agreement with the baseline (``quanteval.evaluate.fidelity``)."""
 
-    name = "wikitext2"
+    generative = False
+
+    def __init__(self, task_config=None):
+        self.config = task_config
+
+    def preset_settings(self, cfg) -> dict:
+        return {"n_windows": cfg.preset.n_windows, "seq_len": cfg.preset.seq_len}
+
+    def task_meta(self) -> dict:
+        return {"kind": "language modelling", "licence": "WikiText-2, CC BY-SA 3.0.", "charts": []}
 
     @staticmethod
-    def _windows(ctx):
+    def _windows(ctx: TaskContext):
+        from quanteval.evaluate import fidelity
+
         p = ctx.cfg.preset
         path = data_file(ctx.data_root, ctx.cfg.task.file)
-        return _windows_cached(ctx.loaded.tokenizer, path, p.n_windows, p.seq_len)
+        return _windows_cached(fidelity.make_windows, ctx.loaded.tokenizer, path, p.n_windows, p.seq_len)
 
-    def cache_paths(self, ctx) -> list[Path]:
-        """The baseline cache files this task reads (for ``plan=true``)."""
+    def cache_paths(self, ctx: TaskContext) -> list[Path]:
         return [self._baseline_path(ctx)]
 
     @staticmethod
-    def _baseline_path(ctx) -> Path:
+    def _baseline_path(ctx: TaskContext) -> Path:
         import quanteval
 
         key = results.run_key({"model": ctx.model_key, "file": ctx.cfg.task.file, "top_k": ctx.cfg.task.top_k,
@@ -46,48 +128,57 @@ class WikiText2:
                                "quanteval": quanteval.__version__})
         return ctx.cache_dir / "baseline" / f"wikitext2-{key}.pt"
 
-    def baseline(self, ctx) -> None:
-        from filelock import FileLock
+    def baseline(self, ctx: TaskContext) -> None:
+        from quanteval.evaluate import fidelity
+
+        def compute():
+            log.info("computing the baseline's WikiText-2 log-probs once: %s", path.name)
+            return fidelity.baseline_stats(ctx.loaded.model, self._windows(ctx), ctx.cfg.task.top_k)
 
         path = self._baseline_path(ctx)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(path) + ".lock"):
-            if not ctx.needs(path):
-                return
-            log.info("computing the baseline's WikiText-2 log-probs once: %s", path.name)
-            stats = fidelity.baseline_stats(ctx.loaded.model, self._windows(ctx), ctx.cfg.task.top_k)
-            stats.save(path)
-            ctx.wrote(path)
+        ctx.cached(path, compute, save=lambda p, stats: stats.save(p))
 
-    def score(self, ctx) -> dict:
+    def score(self, ctx: TaskContext) -> TaskResult:
+        from quanteval.evaluate import fidelity
+
         base = fidelity.BaselineStats.load(self._baseline_path(ctx))
-        return fidelity.compare(ctx.loaded.model, self._windows(ctx), base)
+        metrics = fidelity.compare(ctx.loaded.model, self._windows(ctx), base)
+        per_window = metrics.pop("per_window")
+        return TaskResult(metrics=metrics, per_window=per_window)
 
 
 @lru_cache(maxsize=4)
-def _windows_cached(tokenizer, path: Path, n_windows: int, seq_len: int):
-    return fidelity.make_windows(tokenizer, path.read_text(encoding="utf-8"), n_windows, seq_len)
+def _windows_cached(make, tokenizer, path: Path, n_windows: int, seq_len: int):
+    return make(tokenizer, path.read_text(encoding="utf-8"), n_windows, seq_len)
 
 
 class LMEvalTask:
     """Any lm-eval task (``task=lmeval task.name=<name>``), scored by lm-eval on the variant in memory."""
 
-    generative = False  # may be log-likelihood based: never skipped by the collapse short-circuit
+    generative = False  # may be log-likelihood based: never skipped by the collapse gate
 
-    def baseline(self, ctx) -> None:  # lm-eval scores each variant on its own; nothing to cache
+    def __init__(self, task_config=None):
+        self.config = task_config
+
+    def preset_settings(self, cfg) -> dict:
+        return {"limit": cfg.preset.limits.get("lmeval")}
+
+    def task_meta(self) -> None:  # an lm-eval task declares no kind of work
         return None
 
-    def cache_paths(self, ctx) -> list[Path]:
+    def baseline(self, ctx: TaskContext) -> None:  # lm-eval scores each variant on its own; nothing to cache
+        return None
+
+    def cache_paths(self, ctx: TaskContext) -> list[Path]:
         return []
 
-    def score(self, ctx) -> dict:
+    def score(self, ctx: TaskContext) -> TaskResult:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
 
         t = ctx.cfg.task
         limit = t.limit or ctx.cfg.preset.limits.get("lmeval")
-        tm = TaskManager(include_path=t.include_path) if t.include_path else TaskManager()
+        tm = lmeval_task_manager(t.include_path)
         if t.name not in tm.all_tasks:
             raise ValueError(f"task.name={t.name}: not an lm-eval task"
                              + (f" (nor in task.include_path={t.include_path})" if t.include_path else ""))
@@ -104,7 +195,39 @@ class LMEvalTask:
             items.append({"id": str(s["doc_id"]), "output": _short(s.get("filtered_resps")),
                           "scores": {m: s[m] for m in s.get("metrics", []) if m in s}})
         metrics["n_items"] = len(items)
-        return {**metrics, "items": items}
+        return TaskResult(metrics=metrics, items=items)
+
+
+def lmeval_task_manager(include_path: Optional[str]):
+    """lm-eval's ``TaskManager``, with ``include_path``'s YAML tasks."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path) if include_path else TaskManager()
+
+
+def check_include_path(include_path: str) -> None:
+    """Every YAML in an lm-eval ``include_path`` parses (lm-eval's own loader, ``!function`` tags and all).
+
+    lm-eval skips a YAML it cannot parse with a log line and then says the task does not exist; this
+    names the file and the error instead, before any model is loaded. ValueError in one line.
+    """
+    import yaml
+
+    from quanteval_tasks import yaml_loader
+
+    root = Path(include_path)
+    if not root.is_dir():
+        raise ValueError(f"task.include_path={include_path}: not a folder of lm-eval YAML tasks")
+    files = sorted(root.rglob("*.yaml"))
+    if not files:
+        raise ValueError(f"task.include_path={include_path}: no *.yaml task files in it")
+    for f in files:
+        try:
+            doc = yaml.load(f.read_text(encoding="utf-8"), Loader=yaml_loader())
+        except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{f}: not a valid lm-eval task YAML ({' '.join(str(e).split())})") from None
+        if not isinstance(doc, dict):
+            raise ValueError(f"{f}: not a valid lm-eval task YAML (a mapping of task:, dataset_path:, ...)")
 
 
 def _short(x, cap: int = 2000) -> str:
@@ -112,14 +235,24 @@ def _short(x, cap: int = 2000) -> str:
     return text[:cap]
 
 
-def get_task(task_config):
-    """The evaluator for a task config (by its ``kind``)."""
+def _generative(task_config):
     from quanteval.evaluate.generative import GenerativeTask
 
-    if task_config.kind == "wikitext2":
-        return WikiText2()
-    if task_config.kind == "generative":
-        return GenerativeTask(task_config.name)
-    if task_config.kind == "lmeval":
-        return LMEvalTask()
-    raise ValueError(f"task.kind={task_config.kind!r}: must be wikitext2, generative or lmeval")
+    return GenerativeTask(task_config.name)
+
+
+# task config kind -> the class that runs it (conf/task/<name>.yaml or tasks/<name>.yaml picks the kind)
+TASKS: dict[str, Callable[[Any], Task]] = {
+    "wikitext2": WikiText2,
+    "generative": _generative,  # every tasks/<name>.yaml
+    "lmeval": LMEvalTask,
+}
+
+
+def task_for(task_config) -> Task:
+    """The task that runs ``task_config`` (by its ``kind``)."""
+    try:
+        make = TASKS[task_config.kind]
+    except KeyError:
+        raise ValueError(f"task.kind={task_config.kind!r}: must be one of {', '.join(TASKS)}") from None
+    return make(task_config)

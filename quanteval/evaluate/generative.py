@@ -14,7 +14,8 @@ The YAML's ``metadata.quanteval`` block (ignored by lm-eval) says:
 - ``binary``: the primary metric is 0/1 per item, so flips and McNemar's test apply;
 - ``teacher_forced``: ``reference`` (the YAML's ``doc_to_target``) or ``baseline`` (the baseline's
   own answer): the text on which the variant's token KL and top-1 agreement are measured;
-- ``tags``: doc fields copied into each per-item record (e.g. ``k``, ``n_steps``) for breakdowns.
+- ``tags``: doc fields copied into each per-item record (e.g. ``k``, ``n_steps``) for breakdowns;
+- ``sweep``: how quanteval sizes, sweeps and reports the task (``quanteval_tasks`` documents it).
 
 Per variant, a run reports the task's metrics, and against the baseline:
 
@@ -31,17 +32,18 @@ settings) and cached on disk; the baseline run itself reuses them.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
 from quanteval import results
+from quanteval.evaluate import TaskResult
 from quanteval.results import primary_value, read_items  # noqa: F401 - read_items: part of this module's API
+from quanteval_tasks import TaskInfo
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +66,11 @@ class TaskSpec:
     docs: list[dict]
     until: list[str]
     max_new_tokens: int
-    meta: dict = field(default_factory=dict)
+    info: TaskInfo
 
     @property
     def primary(self) -> str:
-        return self.meta["primary"]
+        return self.info.primary
 
 
 def lmeval_name(name: str) -> str:
@@ -79,9 +81,9 @@ def lmeval_name(name: str) -> str:
 def _load_lm_task(name: str, data_root: str, options: tuple):
     from lm_eval.tasks import TaskManager
 
-    from quanteval_tasks import TASK_DIR
+    from quanteval_tasks import task_dirs
 
-    tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False,
+    tm = TaskManager(include_path=[str(d) for d in task_dirs()], include_defaults=False,
                      metadata={"data_dir": data_root, **dict(options)})
     task_log = logging.getLogger("lm_eval.api.task")
     level = task_log.level
@@ -94,31 +96,31 @@ def _load_lm_task(name: str, data_root: str, options: tuple):
 
 
 def load_spec(name: str, data_root: Path, limit: int, max_new_tokens: int | None, options: dict) -> TaskSpec:
-    """The task ``name`` from ``tasks/<name>.yaml`` with at most ``limit`` docs (0 or less is an error)."""
+    """The task ``name`` from ``tasks/<name>.yaml`` with at most ``limit`` docs (0 or less is an error).
+
+    A task whose YAML sets ``sweep.limit_per: {tag, option}`` (arith_chain: items per number of steps k)
+    counts ``limit`` per value of the tag: its loader is given ``option=limit`` and every doc is kept.
+    """
+    from quanteval_tasks import load_module, task_table
+
     if limit is None or limit < 1:
         raise ValueError(f"task {name}: limit={limit}: must be a positive number of items")
+    info = task_table()[name]
     opts = dict(options)
-    if name == "arith_chain":  # limit counts items per number of steps
-        opts["per_k"] = limit
+    if info.limit_per:
+        opts[info.limit_per[1]] = limit
     task = _load_lm_task(name, str(data_root), tuple(sorted(opts.items())))
-    module = importlib.import_module(f"quanteval_tasks.{name}")
-    meta = dict((task.config.metadata or {}).get("quanteval") or {})
-    for k in ("chat", "primary", "binary", "teacher_forced"):
-        if k not in meta:
-            raise ValueError(f"tasks/{name}.yaml: metadata.quanteval.{k} is missing")
-    if meta["teacher_forced"] not in ("reference", "baseline"):
-        raise ValueError(f"tasks/{name}.yaml: metadata.quanteval.teacher_forced={meta['teacher_forced']!r}: "
-                         "must be reference or baseline")
+    module = load_module(info)
     docs = [dict(d) for d in task.test_docs()]
     if not docs:
         raise ValueError(f"task {name}: empty dataset")
-    if name != "arith_chain":
+    if not info.limit_per:
         docs = docs[:limit]
     gen = dict(task.config.generation_kwargs or {})
     until = gen.get("until") or []
     until = [until] if isinstance(until, str) else list(until)
     cap = int(max_new_tokens) if max_new_tokens else int(gen.get("max_gen_toks", 256))  # the preset's cap wins
-    return TaskSpec(name, task, module, docs, until, cap, meta)
+    return TaskSpec(name, task, module, docs, until, cap, info)
 
 
 def check_metrics(spec: TaskSpec) -> None:
@@ -139,7 +141,7 @@ def check_metrics(spec: TaskSpec) -> None:
 def prompt_for(spec: TaskSpec, tokenizer, doc: dict, prompt_format: str, model_name: str) -> tuple[str, bool]:
     """The prompt string for ``doc`` and whether to add the tokenizer's special tokens when encoding."""
     text = spec.lm_task.doc_to_text(doc)
-    if not spec.meta["chat"]:
+    if not spec.info.chat:
         return text, True
     if prompt_format == "plain":
         return PLAIN_PROMPT.format(text=text), True
@@ -151,7 +153,7 @@ def prompt_for(spec: TaskSpec, tokenizer, doc: dict, prompt_format: str, model_n
 
 
 def stop_strings(spec: TaskSpec, prompt_format: str) -> list[str]:
-    return spec.until + (PLAIN_STOP if spec.meta["chat"] and prompt_format == "plain" else [])
+    return spec.until + (PLAIN_STOP if spec.info.chat and prompt_format == "plain" else [])
 
 
 def score_items(spec: TaskSpec, texts: list[str], sandbox: str = "bwrap") -> list[dict]:
@@ -241,7 +243,7 @@ def compare_with_baseline(spec: TaskSpec, items: list[dict], base_items: list[di
         same.append(it["same_output"])
     out["same_output"] = sum(same) / len(same)
     out["rougeL_vs_base"] = sum(it["rougeL_vs_base"] for it in items) / len(items)
-    if spec.meta.get("binary"):
+    if spec.info.binary:
         lost = gained = 0
         for it, b in zip(items, base_items):
             was, now = correct(b, spec.primary), correct(it, spec.primary)
@@ -268,7 +270,7 @@ def teacher_forced_summary(items: list[dict]) -> dict:
 def breakdown(spec: TaskSpec, items: list[dict]) -> dict:
     """Primary metric and teacher-forced KL by each tag value (e.g. accuracy per number of steps)."""
     out = {}
-    for tag in spec.meta.get("tags") or []:
+    for tag in spec.info.tags:
         groups: dict[str, list[dict]] = {}
         for it in items:
             groups.setdefault(str(it["tags"].get(tag)), []).append(it)
@@ -298,24 +300,45 @@ class GenerativeTask:
     generative = True
 
     def __init__(self, name: str):
+        from quanteval_tasks import task_table
+
         self.name = name
+        self.info = task_table()[name]
+
+    def preset_sizes(self, preset) -> tuple[int | None, int | None]:
+        """(items, token cap) the preset gives this task: ``preset.limits.<name>`` /
+        ``preset.max_new_tokens.<name>`` when set (overrides), else the task YAML's sizes for the preset."""
+        limit, cap = self.info.sizes(preset.name)
+        return preset.limits.get(self.name, limit), preset.max_new_tokens.get(self.name, cap)
+
+    def task_meta(self) -> dict:
+        return self.info.to_json()
+
+    def preset_settings(self, cfg) -> dict:
+        limit, cap = self.preset_sizes(cfg.preset)
+        return {"limit": limit, "max_new_tokens": cap, "sandbox": cfg.sandbox, "judge": cfg.judge}
+
+    def limit(self, cfg) -> int:
+        """Items scored: ``task.limit``, else the preset's (ValueError in one line when neither is set)."""
+        limit = cfg.task.limit or self.preset_sizes(cfg.preset)[0]
+        if limit is None:
+            raise ValueError(f"task {self.name}: no limit for preset {cfg.preset.name}; set task.limit, "
+                             f"preset.limits.{self.name}, or sweep.presets.{cfg.preset.name} in {self.info.yaml.name}")
+        return limit
 
     def spec(self, ctx) -> TaskSpec:
         cfg = ctx.cfg
-        limit = cfg.task.limit or cfg.preset.limits.get(self.name)
-        if limit is None:
-            raise ValueError(f"task {self.name}: no limit; set task.limit or preset.limits.{self.name}")
-        cap = cfg.task.max_new_tokens or cfg.preset.max_new_tokens.get(self.name)
-        spec = load_spec(self.name, ctx.data_root, limit, cap, dict(cfg.task.options))
+        cap = cfg.task.max_new_tokens or self.preset_sizes(cfg.preset)[1]
+        spec = load_spec(self.name, ctx.data_root, self.limit(cfg), cap, dict(cfg.task.options))
         check_metrics(spec)
         return spec
 
     def _settings(self, ctx, spec: TaskSpec) -> dict:
         import quanteval
-        from quanteval_tasks import TASK_DIR
+        from quanteval_tasks import hashed_yaml_text
 
-        yaml_text = (TASK_DIR / f"{self.name}.yaml").read_text(encoding="utf-8")
-        module_text = (TASK_DIR / f"{self.name}.py").read_text(encoding="utf-8")
+        yaml_text = hashed_yaml_text(self.info.yaml)  # without its sweep block: see hashed_yaml_text
+        module_text = self.info.module.read_text(encoding="utf-8")
         return {"model": ctx.model_key, "task": self.name, "yaml": results.run_key({"y": yaml_text, "m": module_text}),
                 "ids": [d["id"] for d in spec.docs], "max_new_tokens": spec.max_new_tokens,
                 "prompt_format": ctx.cfg.model.prompt_format, "sandbox": ctx.cfg.sandbox,
@@ -349,7 +372,7 @@ class GenerativeTask:
         for doc, (prompt, _), g, s in zip(spec.docs, prompts, gens, scored):
             items.append({"id": doc["id"], "input": spec.lm_task.doc_to_text(doc), "output": g.text,
                           "finish": g.finish, "n_tokens": g.n_tokens, **s,
-                          "tags": {t: doc.get(t) for t in spec.meta.get("tags") or []}})
+                          "tags": {t: doc.get(t) for t in spec.info.tags}})
         return items
 
     def _sequences(self, ctx, spec: TaskSpec, prompts, texts: list[str]) -> list[tuple[list[int], int] | None]:
@@ -366,22 +389,18 @@ class GenerativeTask:
         return seqs
 
     def _tf_texts(self, spec: TaskSpec, items: list[dict]) -> list[str]:
-        if spec.meta["teacher_forced"] == "reference":
+        if spec.info.teacher_forced == "reference":
             return [str(spec.lm_task.doc_to_target(d)) for d in spec.docs]
         return [it["output"] for it in items]
 
     def baseline(self, ctx) -> None:
         """Generate, score and record the baseline's top-k log-probs on the teacher-forced texts, once."""
-        from filelock import FileLock
-
         from quanteval.evaluate import fidelity
 
         spec = self.spec(ctx)
         items_path, tf_path = self._paths(ctx, spec)
-        items_path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(items_path) + ".lock"):
-            if not ctx.needs(items_path) and tf_path.exists():
-                return
+
+        def compute():
             log.info("computing the baseline's %s answers once (%d items): %s", self.name, len(spec.docs),
                      items_path.name)
             prompts = self._prompts(ctx, spec)
@@ -389,12 +408,16 @@ class GenerativeTask:
             items = self._items(ctx, spec, prompts, gens)
             seqs = self._sequences(ctx, spec, prompts, self._tf_texts(spec, items))
             present = [s for s in seqs if s is not None]
-            stats = fidelity.sequence_baseline(ctx.loaded.model, present, TOP_K)
-            results.torch_save_atomic(tf_path, {"seqs": seqs, "stats": stats})
-            write_items(items_path, items)  # written last: its presence marks a complete cache
-            ctx.wrote(items_path)
+            return items, {"seqs": seqs, "stats": fidelity.sequence_baseline(ctx.loaded.model, present, TOP_K)}
 
-    def score(self, ctx) -> dict:
+        def save(path, value):
+            items, tf = value
+            results.torch_save_atomic(tf_path, tf)
+            write_items(path, items)  # written last: its presence marks a complete cache
+
+        ctx.cached(items_path, compute, save, requires=(tf_path,))
+
+    def score(self, ctx) -> TaskResult:
         import torch
 
         from quanteval.evaluate import fidelity
@@ -430,5 +453,5 @@ class GenerativeTask:
             raise ValueError(f"tasks/{self.name}.yaml: primary metric {spec.primary!r} is not among the "
                              f"task's metrics ({', '.join(sorted(metrics))})")
         metrics["primary"] = metrics[spec.primary]
-        return {**metrics, "primary_metric": spec.primary, "items": items, "breakdown": breakdown(spec, items),
-                "sandbox": ctx.cfg.sandbox if hasattr(spec.module, "score_item") else None}
+        return TaskResult(metrics=metrics, items=items, breakdown=breakdown(spec, items), primary_metric=spec.primary,
+                          sandbox=ctx.cfg.sandbox if hasattr(spec.module, "score_item") else None)

@@ -1,0 +1,212 @@
+"""What a job is: a ``Variant`` (one model quantised one way) and a ``Run`` (a variant scored on one task).
+
+Both are frozen and built once from a job's ``RunConfig`` (``Variant.of(cfg)``, ``Run.of(cfg)``); the
+sweep, ``plan=true`` and ``quanteval-export`` use them and nothing else to find keys and paths:
+
+- ``Variant.quant_key`` keys the variant's quantisation result, cached at
+  ``<results_dir>/cache/quant/<method>-<key>.pt`` and shared by every task (and every later sweep);
+- ``Run.key`` hashes every setting that changes the run's result (``Run.settings``); the run file is
+  ``<results_dir>/<sweep>/runs/<task>__<model>__<variant>__<key12>.json``.
+
+>>> from quanteval.config import ModelConfig, PresetConfig, RTNConfig, RunConfig, WikiText2Config
+>>> cfg = RunConfig(model=ModelConfig(), method=RTNConfig(), task=WikiText2Config(), preset=PresetConfig(), bits=4)
+>>> Variant.of(cfg).label
+'rtn w4 g64'
+>>> Run.of(cfg).path.name.startswith("wikitext2__smollm2_135m__rtn-w4-g64__")
+True
+
+The settings are laid out exactly as quanteval 0.2.0 laid them out, so every cache and run key of
+0.2.0 is unchanged (``tests/test_keys.py`` pins them for the default and smoke grids).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import quanteval
+from quanteval import results
+from quanteval.config import MethodConfig, ModelConfig, RunConfig
+
+NOT_IN_QUANT_KEY = ("task", "preset", "git", "runtime")  # run settings that do not change the weights
+
+
+def quant_key_of(settings: dict) -> str:
+    """The quantisation cache key of a run's settings (a run file's ``settings`` included):
+    all but the task's, the preset's evaluation sizes, the git commit and the runtime."""
+    return results.run_key({k: v for k, v in settings.items() if k not in NOT_IN_QUANT_KEY})
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The calibration set of a method that needs one: which text, how much of it, which seed."""
+
+    dataset: str
+    path: Optional[str]
+    seed: int
+    n_samples: int
+    seq_len: int
+    batch_size: int  # sequences per forward chunk: changes speed, not the result (not keyed)
+
+    def settings(self) -> dict:
+        return {"dataset": self.dataset, "path": self.path, "seed": self.seed,
+                "n_samples": self.n_samples, "seq_len": self.seq_len}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model quantised one way (or not at all: ``method.name == "none"``), in one runtime."""
+
+    model: ModelConfig
+    dtype: str
+    device: str
+    method: MethodConfig
+    bits: int
+    group_size: int
+    sym: bool
+    quantize_embeddings: bool
+    seed: int
+    calibration: Optional[Calibration]  # None unless the method calibrates
+    runtime: str  # fakequant | packed
+    kernel: str
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> "Variant":
+        from quanteval.methods import METHODS
+
+        method = METHODS[cfg.method.name]
+        calib = None
+        if method is not None and method.needs_calibration:
+            c, p = cfg.calibration, cfg.preset
+            calib = Calibration(c.dataset, c.path, cfg.seed, p.calib_samples, p.calib_seq_len, c.batch_size)
+        return cls(cfg.model, cfg.dtype, cfg.device, cfg.method, cfg.bits, cfg.group_size, cfg.sym,
+                   cfg.quantize_embeddings, cfg.seed, calib, cfg.runtime, cfg.kernel)
+
+    @property
+    def quantizes(self) -> bool:
+        return self.method.quantizes
+
+    @property
+    def label(self) -> str:
+        """``baseline``, or e.g. ``gptq w4 g64`` (`` sym`` appended when symmetric)."""
+        if not self.quantizes:
+            return "baseline"
+        return f"{self.method.name} w{self.bits} g{self.group_size}" + (" sym" if self.sym else "")
+
+    def info(self) -> dict:
+        """The variant as run files record it; the baseline carries no bits/group/sym."""
+        if not self.quantizes:
+            return {"method": "none", "bits": None, "group_size": None, "sym": None, "label": "baseline"}
+        return {"method": self.method.name, "bits": self.bits, "group_size": self.group_size,
+                "sym": self.sym, "label": self.label}
+
+    def model_settings(self) -> dict:
+        """What identifies the baseline weights in memory: the model, its dtype and device."""
+        return {"model": dataclasses.asdict(self.model), "dtype": self.dtype, "device": self.device}
+
+    @property
+    def model_key(self) -> str:
+        return results.run_key(self.model_settings())
+
+    def settings(self) -> dict:
+        """This variant's part of a run's settings (all of them but the task's, the preset's and git's)."""
+        s = {**self.model_settings(), "variant": self.info(), "quanteval": quanteval.__version__}
+        if self.runtime != "fakequant":  # only then: the keys of fake-quant runs stay as they were
+            s["runtime"] = {"runtime": self.runtime, "kernel": self.kernel}
+        if self.quantizes:
+            s["method"] = dataclasses.asdict(self.method)
+            s["quantize_embeddings"] = self.quantize_embeddings
+            if self.calibration is not None:
+                s["calibration"] = self.calibration.settings()
+        return s
+
+    @property
+    def quant_key(self) -> str:
+        return quant_key_of(self.settings())
+
+    def quant_path(self, cache_dir: Path) -> Path:
+        """Where this variant's quantisation result is cached (None-safe: the baseline has none)."""
+        return Path(cache_dir) / "quant" / f"{self.method.name}-{self.quant_key}.pt"
+
+    def calibration_key(self) -> str:
+        """Identifies the captured calibration inputs: the baseline weights and the calibration set."""
+        return results.run_key({"model": self.model_key, **self.calibration.settings()})
+
+
+@dataclass(frozen=True)
+class Run:
+    """One variant scored on one task: its settings, key and files."""
+
+    cfg: RunConfig
+    variant: Variant
+    settings: dict  # every setting that changes the result (hashed into ``key``)
+    key: str
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> "Run":
+        from quanteval.evaluate import task_for
+
+        variant = Variant.of(cfg)
+        settings = {**variant.settings(), "task": dataclasses.asdict(cfg.task),
+                    "preset": task_for(cfg.task).preset_settings(cfg), "git": results.git_commit()}
+        return cls(cfg, variant, settings, results.run_key(settings))
+
+    def with_task(self, task) -> "Run":
+        """The same variant on another task (e.g. its WikiText-2 run, which the collapse gate reads)."""
+        return Run.of(dataclasses.replace(self.cfg, task=task))
+
+    @property
+    def task(self) -> str:
+        return self.cfg.task.name
+
+    @property
+    def results_dir(self) -> Path:
+        return Path(self.cfg.results_dir).resolve()
+
+    @property
+    def sweep_dir(self) -> Path:
+        return self.results_dir / self.cfg.sweep_name
+
+    @property
+    def cache_dir(self) -> Path:
+        """Caches shared by every sweep under one results_dir."""
+        return self.results_dir / "cache"
+
+    @property
+    def path(self) -> Path:
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", self.variant.label).strip("-")
+        return self.sweep_dir / "runs" / f"{self.task}__{self.cfg.model.name}__{slug}__{self.key[:12]}.json"
+
+    @property
+    def items_path(self) -> Path:
+        """Per-item records, beside the run file (JSONL)."""
+        return self.path.with_name(self.path.stem + ".items.jsonl")
+
+    @property
+    def lock_path(self) -> Path:
+        """The lock guarding the run file (under ``<sweep>/locks/``, out of the runs folder)."""
+        return self.sweep_dir / "locks" / (self.path.stem + ".lock")
+
+    @property
+    def log_path(self) -> Path:
+        return self.path.with_suffix(".log")
+
+    @property
+    def quant_path(self) -> Optional[Path]:
+        return self.variant.quant_path(self.cache_dir) if self.variant.quantizes else None
+
+    def preset_skip(self) -> Optional[str]:
+        """Why the preset's grid leaves this run out (None when it runs).
+
+        ``preset.method_bits`` trims the default Cartesian grid (e.g. GPTQ/AWQ only at 4 and 3 bits on a
+        CPU); ``use_preset_grid`` is turned off by the CLI when the user sets ``bits`` explicitly.
+        """
+        cfg = self.cfg
+        allowed = cfg.preset.method_bits.get(cfg.method.name)
+        if not cfg.use_preset_grid or allowed is None or cfg.bits in allowed:
+            return None
+        return (f"not in preset {cfg.preset.name}'s grid (preset.method_bits.{cfg.method.name}={list(allowed)}); "
+                f"set bits explicitly to run it")
