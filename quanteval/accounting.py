@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+from quanteval.primitives import group_width
+
 FLOAT_BYTES = 2  # bf16/fp16 storage of everything not quantised
 
 
@@ -34,7 +36,7 @@ def compression(param_count: int, layers: dict) -> dict:
         per_group = 16 + (0 if lq.sym else lq.bits)  # fp16 scale (+ zero at bits width)
         q_bits += rows * cols * lq.bits + rows * n_groups * per_group
         q_weights += rows * cols
-        g = cols if lq.group_size == -1 else lq.group_size
+        g = group_width(cols, lq.group_size)
         layouts[f"in={cols}"] = {"group_size": lq.group_size, "n_groups": n_groups,
                                  "last_group": cols - (n_groups - 1) * g}
     return {

@@ -120,10 +120,6 @@ def adapter_for(model: torch.nn.Module) -> Adapter:
     return ADAPTERS[model_type]
 
 
-def blocks_of(model: torch.nn.Module, adapter: Adapter) -> torch.nn.ModuleList:
-    return model.get_submodule(adapter.blocks)
-
-
 # --------------------------------------------------------------------------- loading
 
 

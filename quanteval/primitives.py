@@ -29,6 +29,7 @@ import torch
 
 __all__ = [
     "LayerQuant",
+    "group_width",
     "group_index",
     "group_layout",
     "minmax_params",
@@ -38,17 +39,26 @@ __all__ = [
 ]
 
 
+def group_width(in_features: int, group_size: int) -> int:
+    """Width of a full group: ``group_size``, or ``in_features`` when ``group_size = -1`` (per-channel).
+
+    Raises ``ValueError`` unless ``group_size`` is -1 or positive.
+
+    >>> group_width(576, 128), group_width(576, -1)
+    (128, 576)
+    """
+    if group_size == 0 or group_size < -1:
+        raise ValueError(f"group_size={group_size}: must be -1 or a positive integer")
+    return in_features if group_size == -1 else group_size
+
+
 def group_index(in_features: int, group_size: int) -> torch.Tensor:
     """Group of each input column for contiguous groups: ``(in,)`` int32.
 
     >>> group_index(5, 2).tolist()
     [0, 0, 1, 1, 2]
     """
-    if group_size == -1:
-        return torch.zeros(in_features, dtype=torch.int32)
-    if group_size <= 0:
-        raise ValueError(f"group_size={group_size}: must be -1 or a positive integer")
-    return torch.arange(in_features, dtype=torch.int32) // group_size
+    return torch.arange(in_features, dtype=torch.int32) // group_width(in_features, group_size)
 
 
 def group_layout(in_features: int, group_size: int) -> dict:
@@ -57,7 +67,7 @@ def group_layout(in_features: int, group_size: int) -> dict:
     >>> group_layout(576, 128)
     {'in_features': 576, 'group_size': 128, 'n_groups': 5, 'last_group': 64}
     """
-    g = in_features if group_size == -1 else group_size
+    g = group_width(in_features, group_size)
     n_groups = -(-in_features // g)
     return {
         "in_features": in_features,
@@ -142,6 +152,14 @@ class LayerQuant:
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("bits", "group_size", "sym", "codes", "scales", "zeros", "g_idx")}
+
+    def cpu(self) -> "LayerQuant":
+        """The same quantisation with every tensor on the CPU, where stored results live.
+
+        >>> LayerQuant(2, -1, False, *[torch.zeros(1, 1)] * 4).cpu().codes.device
+        device(type='cpu')
+        """
+        return LayerQuant(**{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in self.to_dict().items()})
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

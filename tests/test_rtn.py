@@ -5,7 +5,7 @@ import torch
 
 from quanteval.accounting import compression
 from quanteval.methods.rtn import rtn_fake_quant, rtn_layer
-from quanteval.primitives import group_index, group_layout, minmax_params, quantize_codes, round_scale_fp16
+from quanteval.primitives import group_index, group_layout, group_width, minmax_params, quantize_codes, round_scale_fp16
 
 
 def test_hand_computed_asymmetric_example():
@@ -42,6 +42,17 @@ def test_round_trip_error_at_most_half_scale(bits, group_size, sym):
         assert (err <= bound * (1 + 1e-6) + 1e-7).all()
     assert int(q.codes.max()) <= 2**bits - 1
     assert q.scales.dtype == torch.float16 and (q.scales.float() > 0).all()
+
+
+def test_group_width():
+    assert group_width(576, 128) == 128
+    assert group_width(576, -1) == 576  # per-channel: one group spans the row
+    assert group_width(64, 128) == 128  # a group wider than the row is one short group
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="must be -1 or a positive integer"):
+            group_width(576, bad)
+        with pytest.raises(ValueError):
+            rtn_layer(torch.zeros(2, 8), 4, bad, False)
 
 
 def test_short_last_group_layout():

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from quanteval.methods.rtn import rtn_layer
 from quanteval.primitives import LayerQuant
 
 
@@ -101,22 +102,42 @@ def quantized_layer_names(model: torch.nn.Module, adapter, spec: QuantSpec) -> l
     """Full module paths of the linears a method quantises, in execution order."""
     n_blocks = len(model.get_submodule(adapter.blocks))
     names = [f"{adapter.blocks}.{i}.{lin}" for i in range(n_blocks) for lin in adapter.all_linears]
-    if spec.quantize_embeddings:
-        names.append(adapter.lm_head)
-        if not getattr(model.config, "tie_word_embeddings", False):
-            names.append(adapter.embed)
-    return names
+    return names + outside_block_names(model, adapter, spec)
+
+
+def outside_block_names(model: torch.nn.Module, adapter, spec: QuantSpec) -> list[str]:
+    """The quantised layers outside the decoder blocks: lm_head, and the embedding when untied.
+
+    Empty unless ``spec.quantize_embeddings``.
+    """
+    if not spec.quantize_embeddings:
+        return []
+    if getattr(model.config, "tie_word_embeddings", False):
+        return [adapter.lm_head]
+    return [adapter.lm_head, adapter.embed]
+
+
+def rtn_outside_blocks(model: torch.nn.Module, adapter, spec: QuantSpec) -> dict[str, LayerQuant]:
+    """RTN of ``outside_block_names`` from the model's current weights, on the CPU; ``model`` is not modified.
+
+    GPTQ and AWQ calibrate the decoder blocks only (the inputs of lm_head and
+    the embedding are not captured), so both quantise these layers with RTN.
+
+    >>> rtn_outside_blocks(model, adapter, QuantSpec(4, 64, False))  # doctest: +SKIP
+    {}
+    >>> list(rtn_outside_blocks(model, adapter, QuantSpec(4, 64, False, quantize_embeddings=True)))  # doctest: +SKIP
+    ['lm_head']
+    """
+    return {name: rtn_layer(model.get_submodule(name).weight.detach(), spec.bits, spec.group_size, spec.sym).cpu()
+            for name in outside_block_names(model, adapter, spec)}
 
 
 def rtn_model(model, adapter, spec: QuantSpec, method_cfg=None, calib=None) -> QuantResult:
     """RTN on every quantised linear of ``model`` (no calibration)."""
-    from quanteval.methods.rtn import rtn_layer
-
     layers = {}
     for name in quantized_layer_names(model, adapter, spec):
         w = model.get_submodule(name).weight.detach()
-        lq = rtn_layer(w, spec.bits, spec.group_size, spec.sym)
-        layers[name] = LayerQuant(**{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in lq.to_dict().items()})
+        layers[name] = rtn_layer(w, spec.bits, spec.group_size, spec.sym).cpu()
     return QuantResult(layers=layers)
 
 

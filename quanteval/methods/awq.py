@@ -54,9 +54,9 @@ from tqdm.auto import tqdm
 
 from quanteval.calibration import BlockInputs, block_forward
 from quanteval.config import AWQConfig
-from quanteval.methods import Fold, QuantResult, QuantSpec, apply_fold, quantized_layer_names
+from quanteval.methods import Fold, QuantResult, QuantSpec, apply_fold, rtn_outside_blocks
 from quanteval.methods.rtn import quantize_rows, rtn_fake_quant, rtn_layer
-from quanteval.primitives import LayerQuant
+from quanteval.primitives import LayerQuant, group_width
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def fake_quant(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 def group_slices(in_features: int, group_size: int) -> list[slice]:
     """Column slices of the quantisation groups (the last one may be shorter)."""
-    g = in_features if group_size == -1 else group_size
+    g = group_width(in_features, group_size)
     return [slice(c, min(c + g, in_features)) for c in range(0, in_features, g)]
 
 
@@ -106,7 +106,7 @@ def clip_max(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, n_grid: int, max
     """
     w, x = w.float(), x.float()
     (out_f, in_f), n_tok = w.shape, x.shape[0]
-    g = in_f if spec.group_size == -1 else spec.group_size
+    g = group_width(in_f, spec.group_size)
     n_full, tail = divmod(in_f, g)
     full = n_full * g
     parts = []
@@ -157,7 +157,7 @@ def _clip_groups(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, n_grid: int,
 
 def clamp_groups(w: torch.Tensor, max_val: torch.Tensor, group_size: int) -> torch.Tensor:
     """``w: (out, in)`` clamped group by group to ``[-max_val, max_val]`` (max_val: (out, n_groups)); float32."""
-    g = w.shape[1] if group_size == -1 else group_size
+    g = group_width(w.shape[1], group_size)
     m = max_val.to(w.device).repeat_interleave(g, dim=1)[:, : w.shape[1]]  # (out, in): each group's max_val
     return torch.clamp(w.float(), -m, m)
 
@@ -328,7 +328,7 @@ def awq_block(block, adapter, spec: QuantSpec, cfg: AWQConfig, inputs: list[tupl
         w = block.get_submodule(name).weight
         lq = rtn_layer(w.detach(), spec.bits, spec.group_size, spec.sym)
         w.copy_(lq.dequantize())
-        out.layers[name] = _on_cpu(lq)
+        out.layers[name] = lq.cpu()  # stored results live on the CPU, whatever device the block was on
     t["quantize"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -336,11 +336,6 @@ def awq_block(block, adapter, spec: QuantSpec, cfg: AWQConfig, inputs: list[tupl
     t["forward"] += time.perf_counter() - t0
     out.timings = dict(t)
     return out
-
-
-def _on_cpu(lq: LayerQuant) -> LayerQuant:
-    """The stored result lives on the CPU, whatever device the block was quantised on."""
-    return LayerQuant(lq.bits, lq.group_size, lq.sym, lq.codes.cpu(), lq.scales.cpu(), lq.zeros.cpu(), lq.g_idx.cpu())
 
 
 def search_subset(hidden: list[torch.Tensor], kwargs: dict, budget: int) -> list[tuple[torch.Tensor, dict]]:
@@ -409,10 +404,7 @@ def awq_model(model, adapter, spec: QuantSpec, method_cfg: AWQConfig, calib: Blo
         for k, v in found.timings.items():
             timings[k] += v
         log.debug("AWQ block %d: alphas %s, block mse %.3g", i, found.alphas, found.block_mse)
-    for name in quantized_layer_names(model, adapter, spec):
-        if name not in layers:  # embeddings / lm_head: plain RTN
-            w = model.get_submodule(name).weight.detach()
-            layers[name] = _on_cpu(rtn_layer(w, spec.bits, spec.group_size, spec.sym))
+    layers.update(rtn_outside_blocks(model, adapter, spec))  # embeddings / lm_head: plain RTN
     timings["total"] = time.perf_counter() - t_start
     info["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
     return QuantResult(layers=layers, folds=folds, info=info)

@@ -48,9 +48,8 @@ from tqdm.auto import tqdm
 
 from quanteval.calibration import BlockInputs, block_forward
 from quanteval.config import GPTQConfig
-from quanteval.methods import QuantResult, QuantSpec, quantized_layer_names
-from quanteval.methods.rtn import rtn_layer
-from quanteval.primitives import LayerQuant, minmax_params, quantize_codes
+from quanteval.methods import QuantResult, QuantSpec, apply_result, rtn_outside_blocks
+from quanteval.primitives import LayerQuant, group_width, minmax_params, quantize_codes
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +167,7 @@ class GPTQ:
         out_f, cols = w.shape
         if cols != self.in_features:
             raise ValueError(f"{name}: weight has {cols} input columns, Hessian has {self.in_features}")
-        g = cols if group_size == -1 else group_size
+        g = group_width(cols, group_size)
         n_groups = -(-cols // g)
         W = w.detach().float().clone()  # (out, in)
         H = self.H.clone()  # (in, in)
@@ -247,10 +246,6 @@ def _stop_block(module, args):
     raise _StopBlock
 
 
-def _lq_to_cpu(lq: LayerQuant) -> LayerQuant:
-    return LayerQuant(lq.bits, lq.group_size, lq.sym, lq.codes.cpu(), lq.scales.cpu(), lq.zeros.cpu(), lq.g_idx.cpu())
-
-
 @torch.no_grad()
 def gptq_model(model, adapter, spec: QuantSpec, method_cfg: GPTQConfig, calib: BlockInputs) -> QuantResult:
     """GPTQ on every decoder linear of ``model``, sequentially, block by block.
@@ -313,7 +308,7 @@ def gptq_model(model, adapter, spec: QuantSpec, method_cfg: GPTQConfig, calib: B
                 part = LayerQuant(lq.bits, lq.group_size, lq.sym, lq.codes[rows], lq.scales[rows],
                                   lq.zeros[rows], lq.g_idx)
                 module.weight.data.copy_(part.dequantize(torch.float32).to(module.weight.dtype))
-                layers[f"{prefix}.{lin}"] = _lq_to_cpu(part)
+                layers[f"{prefix}.{lin}"] = part.cpu()
             losses[f"{prefix}.{'+'.join(group)}"] = stats["loss"]
             if stats["damp_rises"]:
                 rises.append({"layers": f"{prefix}.{'+'.join(group)}", "damp": stats["damp"]})
@@ -324,12 +319,9 @@ def gptq_model(model, adapter, spec: QuantSpec, method_cfg: GPTQConfig, calib: B
         hidden = block_forward(block, hidden, calib.kwargs[i])
         timings["forward_s"] += time.perf_counter() - t0
 
-    for name in quantized_layer_names(model, adapter, spec):
-        if name not in layers:  # lm_head / embeddings: RTN (no calibration of their inputs here)
-            module = model.get_submodule(name)
-            lq = rtn_layer(module.weight.detach(), spec.bits, spec.group_size, spec.sym)
-            module.weight.data.copy_(lq.dequantize(torch.float32).to(module.weight.dtype))
-            layers[name] = _lq_to_cpu(lq)
+    outside = rtn_outside_blocks(model, adapter, spec)  # lm_head / embeddings: RTN (their inputs are not captured)
+    apply_result(model, QuantResult(layers=outside))  # like the blocks, the model holds the quantised weights
+    layers.update(outside)
     timings = {k: round(v, 3) for k, v in timings.items()}
     info = {**timings, "total_s": round(time.perf_counter() - t_start, 3), "n_tokens": calib.n_tokens,
             "damp_rises": rises, "layer_loss": losses}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from quanteval.primitives import LayerQuant, group_index, minmax_params
+from quanteval.primitives import LayerQuant, group_index, group_width, minmax_params
 
 
 def group_rows(w: torch.Tensor, group_size: int) -> list[torch.Tensor]:
@@ -28,9 +28,8 @@ def group_rows(w: torch.Tensor, group_size: int) -> list[torch.Tensor]:
     >>> [tuple(p.shape) for p in group_rows(torch.zeros(3, 10), 4)]
     [(6, 4), (3, 2)]
     """
-    group_index(w.shape[1], group_size)  # validates group_size
     out_f, in_f = w.shape
-    g = in_f if group_size == -1 else group_size
+    g = group_width(in_f, group_size)
     n_full, tail = divmod(in_f, g)
     pieces = []
     if n_full:
