@@ -83,11 +83,12 @@ def run_naive(variants: list[tuple[str, int]], tasks: list[str], batch_size: int
     from quanteval.evaluate.generative import lmeval_name
     from quanteval.methods import METHODS, QuantSpec, apply_result
     from quanteval.models import adapter_for, load_model
-    from quanteval_tasks import TASK_DIR
+    from quanteval_tasks import TASK_DIR, task_table
 
-    from omegaconf import OmegaConf  # the preset's limits come from conf/preset/default.yaml
+    from omegaconf import OmegaConf  # the preset's calibration sizes come from conf/preset/default.yaml
 
     preset = OmegaConf.load(REPO / "conf" / "preset" / "default.yaml")
+    sizes = {name: info.sizes("default") for name, info in task_table().items()}  # (items, token cap)
     root = resolve_data_dir(None)
     tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata={"data_dir": str(root)})
     method_cfgs = {"rtn": RTNConfig(), "gptq": GPTQConfig(), "awq": AWQConfig()}
@@ -115,8 +116,8 @@ def run_naive(variants: list[tuple[str, int]], tasks: list[str], batch_size: int
         lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size, max_length=4096)
         for task in tasks:
             t0 = time.perf_counter()
-            out = simple_evaluate(model=lm, tasks=[lmeval_name(task)], task_manager=tm, limit=preset.limits[task],
-                                  apply_chat_template=True, gen_kwargs=f"max_gen_toks={preset.max_new_tokens[task]}",
+            out = simple_evaluate(model=lm, tasks=[lmeval_name(task)], task_manager=tm, limit=sizes[task][0],
+                                  apply_chat_template=True, gen_kwargs=f"max_gen_toks={sizes[task][1]}",
                                   bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
                                   fewshot_random_seed=0)
             phases["eval_s"] += time.perf_counter() - t0
@@ -128,16 +129,10 @@ def run_naive(variants: list[tuple[str, int]], tasks: list[str], batch_size: int
 
 
 def _primary(task: str) -> str:
-    import yaml
+    from quanteval_tasks import task_table
 
-    from quanteval_tasks import TASK_DIR
-
-    class _Loader(yaml.SafeLoader):
-        pass
-
-    _Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
-    meta = yaml.load((TASK_DIR / f"{task}.yaml").read_text(), Loader=_Loader)["metadata"]["quanteval"]
-    return meta["primary"] if "," in meta["primary"] else f"{meta['primary']},none"  # lm-eval's result keys
+    primary = task_table()[task].primary
+    return primary if "," in primary else f"{primary},none"  # lm-eval's result keys
 
 
 def main(argv=None) -> dict:

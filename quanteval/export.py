@@ -158,13 +158,15 @@ def format_bits() -> list[int]:
 
 def _scheme_of(lq) -> tuple[int, int, bool]:
     """(bits, group size written, sym): the group size divides ``in`` (-1: per channel)."""
+    from quanteval.primitives import group_width
+
     in_f = lq.codes.shape[1]
-    g = lq.group_size
-    if g != -1 and -(-in_f // g) == 1:
-        g = -1  # one group per row
-    elif g != -1 and in_f % g:
-        g = math.gcd(g, in_f)  # splits every group, the short last one included, into equal parts
-    return lq.bits, g, lq.sym
+    width = group_width(in_f, lq.group_size)
+    if width >= in_f:
+        return lq.bits, -1, lq.sym  # one group per row
+    if in_f % width:
+        return lq.bits, math.gcd(width, in_f), lq.sym  # splits every group, the short last one too, into equal parts
+    return lq.bits, width, lq.sym
 
 
 def check_contiguous_groups(lq) -> None:
@@ -184,13 +186,14 @@ def compressed_tensors_layer(lq, scale_dtype: torch.dtype = torch.float16) -> di
     """
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    from quanteval.primitives import group_index
+    from quanteval.primitives import group_index, group_width
 
     check_contiguous_groups(lq)
     out_f, in_f = lq.codes.shape
     bits, g, sym = _scheme_of(lq)
     offset = 2 ** (bits - 1)
-    cols = torch.arange(-(-in_f // g) if g != -1 else 1) * (g if g != -1 else 0)  # first column of each group
+    width = group_width(in_f, g)
+    cols = torch.arange(-(-in_f // width)) * width  # first column of each written group
     src = group_index(in_f, lq.group_size)[cols].long()  # original group of each written group
     scales, zeros = lq.scales[:, src], lq.zeros[:, src]  # (out, n_groups written)
     if sym and not bool((zeros == offset).all()):

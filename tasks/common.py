@@ -13,7 +13,6 @@ internet); when that fails too, the error names both the local path and the hub 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Optional
 
 
@@ -50,9 +49,3 @@ def to_dataset(docs: list[dict]):
     if not docs:
         raise ValueError("empty dataset: no documents")
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
-
-
-def data_path(data_dir: Optional[str]) -> Path:
-    from quanteval.data import resolve_data_dir
-
-    return resolve_data_dir(data_dir)

@@ -203,7 +203,10 @@ def test_every_setting_invalidates_the_quantisation_cache(monkeypatch):
     import quanteval
     from quanteval.config import (CalibrationConfig, GPTQConfig, ModelConfig, PresetConfig, RunConfig,
                                   WikiText2Config)
-    from quanteval.sweep import quant_cache_path
+    from quanteval.variant import Run
+
+    def quant_cache_path(cfg):
+        return Run.of(cfg).quant_path
 
     base = RunConfig(model=ModelConfig(), method=GPTQConfig(), task=WikiText2Config(), preset=PresetConfig(), bits=4)
     key = quant_cache_path(base).name
@@ -238,12 +241,12 @@ def test_every_setting_invalidates_the_quantisation_cache(monkeypatch):
 def test_every_setting_invalidates_the_baseline_caches(tiny_data, monkeypatch):
     import quanteval
     from quanteval.config import GenerativeTaskConfig, ModelConfig, NoneConfig, PresetConfig, RunConfig, WikiText2Config
-    from quanteval.evaluate import get_task
-    from quanteval.sweep import JobContext
+    from quanteval.evaluate import TaskContext, task_for
+    from quanteval.variant import Run
 
-    def paths(cfg, model_key="m"):
-        ctx = JobContext(cfg, None, tiny_data, Path("/cache"), model_key)
-        return get_task(cfg.task).cache_paths(ctx)
+    def paths(cfg, model="m"):
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=model))  # other baseline weights
+        return task_for(cfg.task).cache_paths(TaskContext(Run.of(cfg), None, tiny_data))
 
     wt = RunConfig(model=ModelConfig(), method=NoneConfig(), task=WikiText2Config(), preset=PresetConfig())
     gen = dataclasses.replace(wt, task=GenerativeTaskConfig(name="gsm8k", limit=2))
