@@ -9,7 +9,9 @@ A run file holds ``schema_version``, ``run_key``, ``status`` (``ok`` |
 ``failed``), the resolved ``config``, ``model`` (name and provenance),
 ``variant`` (method, bits, group size, sym, label), ``task``, ``metrics``,
 ``compression`` (effective bits per weight, whole-model bytes, group layout),
-``timings``, ``peak_memory_mb``, ``versions``, ``device`` and ``created``.
+``timings``, ``peak_memory_mb``, ``versions``, ``device`` and ``created``; newer files also hold
+``task_meta`` (the task's kind of work, licence and chart hints). ``RunRecord.read(path)`` gives a
+run file as typed dataclasses (what the report reads); ``read_run`` gives the plain dict.
 
 Files are written to a temporary name and renamed, so a killed sweep never
 leaves a half-written run file; a rerun skips runs whose file exists with
@@ -34,9 +36,10 @@ import logging
 import os
 import subprocess
 import tempfile
+from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)
@@ -123,6 +126,140 @@ def read_run(path: Path) -> dict:
     if not isinstance(rec, dict) or "run_key" not in rec or "status" not in rec:
         raise ValueError(f"{path}: not a quanteval run file (no run_key/status)")
     return rec
+
+
+def _section(cls, d: Any, name: str):
+    """``cls`` from the keys of mapping ``d`` that are its fields; other keys are ignored, None values and a
+    None ``d`` take the defaults."""
+    if d is None:
+        return cls()
+    if not isinstance(d, dict):
+        raise ValueError(f"{name}: must be a mapping, not {type(d).__name__}")
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in known and v is not None})
+
+
+@dataclass(frozen=True)
+class VariantInfo:
+    """What was run: ``method`` ("none" for the baseline), ``bits``, ``group_size``, ``sym``, ``label``."""
+
+    method: Optional[str] = None
+    bits: Optional[int] = None
+    group_size: Optional[int] = None
+    sym: Optional[bool] = None
+    label: Optional[str] = None  # e.g. "gptq w4 g64", "baseline"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The model: its config name and where its weights came from (keys the report never reads are dropped)."""
+
+    name: Optional[str] = None
+    provenance: Optional[str] = None  # one line: source; loader (dtype)
+    source: Optional[str] = None
+    note: Optional[str] = None
+    dtype: Optional[str] = None
+    n_params: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Compression:
+    """Sizes of the quantised model: effective bits per weight (scales included) and whole-model bytes."""
+
+    effective_bits: Optional[float] = None
+    model_bytes: Optional[int] = None
+    baseline_bytes: Optional[int] = None
+    quantized_weights: Optional[int] = None
+    group_layout: dict = field(default_factory=dict)  # "in=<features>" -> {group_size, n_groups, last_group}
+
+
+@dataclass(frozen=True)
+class TaskMeta:
+    """What the report needs of a run's task (as ``quanteval_tasks.TaskInfo.to_json`` writes it).
+
+    ``charts`` holds hint dicts: ``{"by_tag": "k"}`` (the primary metric by the values of item tag k,
+    from the record's ``breakdown``) and ``{"kl_by_position": True}`` (teacher-forced KL by position).
+    """
+
+    kind: Optional[str] = None  # kind of work ("math", "chat", ...); None: not declared
+    licence: str = ""
+    charts: tuple[dict, ...] = ()
+    primary: Optional[str] = None
+    binary: Optional[bool] = None
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> "TaskMeta":
+        meta = _section(cls, d, "task_meta")
+        if not isinstance(meta.charts, (list, tuple)) or not all(isinstance(h, dict) for h in meta.charts):
+            raise ValueError(f"task_meta.charts={meta.charts!r}: must be a list of hint mappings")
+        return replace(meta, charts=tuple(meta.charts))
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run file as typed fields: the report reads these instead of the nested dict.
+
+    Sections the file lacks (a failed or collapsed run has no compression, per_window, ...) take
+    empty defaults; keys this class does not know are ignored, so older and newer files both load.
+
+    >>> r = RunRecord.from_dict({"run_key": "k", "status": "ok", "task": "gsm8k",
+    ...     "variant": {"method": "rtn", "bits": 4, "label": "rtn w4 g64"}, "metrics": {"primary": 0.5},
+    ...     "some_future_key": 1})
+    >>> r.variant.label, r.metrics["primary"], r.compression.effective_bits, r.task_meta
+    ('rtn w4 g64', 0.5, None, None)
+    """
+
+    run_key: str
+    status: str  # "ok" | "collapsed" | "failed"
+    schema_version: Optional[int] = None
+    sweep_name: Optional[str] = None
+    task: Optional[str] = None
+    variant: VariantInfo = field(default_factory=VariantInfo)
+    model: ModelInfo = field(default_factory=ModelInfo)
+    metrics: dict = field(default_factory=dict)  # metric name -> value (numbers, except a few counts/strings)
+    per_window: dict = field(default_factory=dict)  # WikiText-2: {"nll_mean", "kl_mean", "same_top1"} -> lists
+    items_file: Optional[str] = None  # the *.items.jsonl beside the run file
+    breakdown: dict = field(default_factory=dict)  # tag -> tag value -> {"n", <metric>: value, ...}
+    primary_metric: Optional[str] = None
+    sandbox: Optional[str] = None
+    unsafe: Optional[str] = None  # why generated code ran unsandboxed
+    compression: Compression = field(default_factory=Compression)
+    quantization: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)  # step -> seconds
+    peak_memory_mb: Optional[float] = None
+    memory: dict = field(default_factory=dict)  # {"runtime", "resident_bytes"}
+    versions: dict = field(default_factory=dict)
+    device: Optional[str] = None
+    created: Optional[str] = None  # ISO time, UTC
+    settings: dict = field(default_factory=dict)  # what the run key hashes
+    config: dict = field(default_factory=dict)  # the resolved run config
+    error: Optional[str] = None  # status "failed": one line
+    reason: Optional[str] = None  # status "collapsed": why generation was skipped
+    task_meta: Optional[TaskMeta] = None  # absent in the files 0.2.0 wrote
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunRecord":
+        """A record from a run file's dict; ValueError naming the section when one has the wrong shape."""
+        if not isinstance(d, dict) or d.get("run_key") is None or d.get("status") is None:
+            raise ValueError("not a quanteval run record (no run_key/status)")
+        for name in ("metrics", "per_window", "breakdown", "quantization", "timings", "memory", "versions",
+                     "settings", "config"):
+            if d.get(name) is not None and not isinstance(d[name], dict):
+                raise ValueError(f"{name}: must be a mapping, not {type(d[name]).__name__}")
+        rec = _section(cls, d, "record")
+        return replace(rec, variant=_section(VariantInfo, d.get("variant"), "variant"),
+                       model=_section(ModelInfo, d.get("model"), "model"),
+                       compression=_section(Compression, d.get("compression"), "compression"),
+                       task_meta=TaskMeta.from_dict(d["task_meta"]) if d.get("task_meta") is not None else None)
+
+    @classmethod
+    def read(cls, path: Path) -> "RunRecord":
+        """The run file at ``path``; ValueError naming the file when it is not a valid run."""
+        d = read_run(path)
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 def completed(path: Path) -> bool:

@@ -1,4 +1,4 @@
-"""The report built from synthetic run files (no torch): matrix, CIs, labels, pages, exports, CLI."""
+"""The report built from synthetic run files (no torch): matrix, CIs, labels, pages, exports, CLI, task hints."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from quanteval.report import Thresholds, build, build_report, failing, main, summary, verdict
+import quanteval.thresholds
+from quanteval.report import Thresholds, _parser, build, build_report, failing, main, summary, verdict
 from quanteval.report.cells import label_high, label_low
 from quanteval.results import load, write_atomic, write_run
 
@@ -148,6 +149,8 @@ def test_labels_with_uncertainty():
 
 def test_quality_cells_ratio_ci_and_flips(report):
     same = _cell(report, "gsm8k: exact_match,flexible-extract", "rtn w8 g64")
+    assert same.metric == "exact_match,flexible-extract"
+    assert _cell(report, "gsm8k: teacher-forced KL", "rtn w8 g64").metric == "tf_kl_mean"
     assert same.retained == 1.0 and same.ci == (1.0, 1.0) and same.verdict == "survives"
     half = _cell(report, "gsm8k: exact_match,flexible-extract", "rtn w4 g64")
     assert half.retained == pytest.approx(0.5) and half.ci[0] < 0.5 < half.ci[1]
@@ -161,6 +164,8 @@ def test_quality_cells_ratio_ci_and_flips(report):
 
 def test_fidelity_cells_from_windows(report):
     kl = _cell(report, "wikitext2: mean KL", "gptq w4 g64")
+    assert [_cell(report, f"wikitext2: {r}", "gptq w4 g64").metric for r in ("perplexity", "mean KL", "same top-1")] == [
+        "ppl", "kl_mean", "same_top1"]
     assert kl.value == 0.08 and kl.ci is not None and kl.ci[0] <= 0.08 * 1.15 and kl.verdict.startswith("survives")
     assert _cell(report, "wikitext2: mean KL", "rtn w2 g64").verdict == "collapses"
     ppl = _cell(report, "wikitext2: perplexity", "rtn w8 g64")
@@ -234,6 +239,7 @@ def test_charts_and_exports(report, sweep):
     assert doc["thresholds"]["survives"] == 0.97 and "smollm2_135m" in doc["recommendation"]
     assert len(doc["verdicts"]) == len(report.cells)
     assert {"model", "row", "label", "verdict", "ci"} <= set(doc["verdicts"][0])
+    assert "metric" not in doc["verdicts"][0]  # verdicts.json keeps its 0.2 shape
 
 
 def test_summary_and_fail_on(report, sweep, tmp_path, capsys):
@@ -257,6 +263,64 @@ def test_bad_input(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("quanteval-report: error: ") and err.count("\n") == 1, err
+
+
+def test_thresholds_are_the_one_class_and_flags_come_from_it(sweep, tmp_path):
+    assert Thresholds is quanteval.thresholds.Thresholds
+    flags = {a.dest: a.option_strings for a in _parser()._actions}
+    for name, _, _ in Thresholds.flags():
+        assert flags[name] == [f"--{name.replace('_', '-')}"]
+    assert main([str(sweep), "--out", str(tmp_path / "r"), "--kl-survives", "0.05", "--n-boot", "200"]) == 0
+    t = json.loads((tmp_path / "r" / "verdicts.json").read_text())["thresholds"]
+    assert t["kl_survives"] == 0.05 and t["n_boot"] == 200 and t["survives"] == 0.97
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--survives", "2"], "--survives=2: must be in (collapses, 1]"),
+    (["--collapses", "0.99"], "--collapses=0.99: must be in (0, survives) (survives=0.97)"),
+    (["--survives", "0.6", "--collapses", "0.7"], "--collapses=0.7: must be in (0, survives) (survives=0.6)"),
+    (["--kl-survives", "1"], "--kl-survives=1: must be in (0, kl_collapses) (kl_collapses=1.0)"),
+    (["--kl-survives", "0.5", "--kl-collapses", "0.2"], "--kl-survives=0.5: must be in (0, kl_collapses)"),
+    (["--floor", "1"], "--floor=1: must be in [0, 1)"),
+    (["--top1-survives", "1.5"], "--top1-survives=1.5: must be in (top1_collapses, 1]"),
+    (["--n-boot", "50"], "--n-boot=50: must be an integer >= 100"),
+])
+def test_bad_threshold_flag_is_one_line_before_any_work(tmp_path, capsys, argv, message):
+    # the sweep folder does not exist: the error must be the flag's, found before anything is read
+    assert main([str(tmp_path / "missing"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"quanteval-report: error: {message}") and err.count("\n") == 1, err
+
+
+def _tagged(key, task, method, bits, acc_by_tag: dict, tag: str, task_meta=None):
+    rec, items = _gsm8k(key, method, bits, BASE_OK, None if method == "none" else BASE_OK, 0.01)
+    rec["task"] = task
+    rec["breakdown"] = {tag: {str(v): {"n": 10, "exact_match,flexible-extract": a} for v, a in acc_by_tag.items()}}
+    if task_meta is not None:
+        rec["task_meta"] = task_meta
+    return rec, items
+
+
+def test_task_knowledge_comes_from_the_task(tmp_path):
+    d = tmp_path / "sweep"
+    # arith_chain as 0.2.0 wrote it (no task_meta): kind, licence and the by-steps chart come from its YAML
+    for key, method, bits in (("a-b", "none", None), ("a-r4", "rtn", 4)):
+        _write(d, *_tagged(key, "arith_chain", method, bits, {1: 0.9, 2: 0.8, 8: 0.5}, "k"))
+    # a task no YAML defines, declared by its records: its kind, licence and chart follow the record
+    meta = {"kind": "chat", "licence": "Home-made dialogues, CC0.", "charts": [{"by_tag": "level"}],
+            "primary": "exact_match,flexible-extract", "binary": True}
+    for key, method, bits in (("m-b", "none", None), ("m-r4", "rtn", 4)):
+        _write(d, *_tagged(key, "my_task", method, bits, {"easy": 0.9, "hard": 0.4}, "level", meta))
+    report = build(d)
+    out = d / "report"
+    assert (out / "arith_steps__smollm2_135m.png").read_bytes().startswith(PNG_MAGIC)
+    assert (out / "my_task_by_level__smollm2_135m.svg").exists()
+    kinds = report.recommendation["smollm2_135m"]
+    assert kinds["math"]["tasks"] == ["arith_chain"] and kinds["chat"]["tasks"] == ["my_task"]
+    page = report.index.read_text()
+    assert "Kinds: chat: my_task; math: arith_chain." in page
+    assert "arith_chain: Generated by quanteval (seeded)." in page and "my_task: Home-made dialogues, CC0." in page
+    assert "Home-made dialogues, CC0." in (out / "items" / "smollm2_135m__my_task__rtn-w4-g64.html").read_text()
 
 
 def test_report_never_imports_torch(sweep, tmp_path):

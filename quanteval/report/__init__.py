@@ -5,10 +5,14 @@ module), so reports build anywhere, e.g. on results copied from a cluster.
 
 - ``build(sweep_dir, out_dir=None, thresholds=None) -> Report``: write ``index.html`` (default
   ``<sweep_dir>/report/``), charts, drill-down pages and exports; ``build_report`` returns the path.
-- ``Thresholds``: verdict thresholds (see ``quanteval.report.cells``).
+- ``Thresholds``: verdict thresholds (``quanteval.thresholds``, re-exported here).
 - ``summary(cells)``: the compact verdict table printed at the end of a sweep.
-- ``main(argv)``: the ``quanteval-report`` console script; ``--fail-on collapses|degrades`` exits 1
-  when any deciding cell matches, to gate a deployment pipeline.
+- ``failing(cells, level)``: the deciding cells ``--fail-on level`` matches.
+- ``main(argv)``: the ``quanteval-report`` console script; returns its exit status (0, 1 when
+  ``--fail-on collapses|degrades`` matches a deciding cell, to gate a deployment pipeline, 2 on bad
+  input). Its threshold flags (``--survives``, ``--kl-collapses``, ...) are ``Thresholds.flags()``;
+  a value outside its range is one line, e.g. ``quanteval-report: error: --survives=2: must be in
+  (collapses, 1] (collapses=0.5)``, before anything is read.
 
 Example::
 
@@ -23,8 +27,9 @@ import logging
 import sys
 from pathlib import Path
 
-from quanteval.report.cells import Cell, Thresholds
+from quanteval.report.cells import Cell
 from quanteval.report.html import Report, build, build_report, verdict
+from quanteval.thresholds import ThresholdError, Thresholds
 
 __all__ = ["Report", "Thresholds", "build", "build_report", "failing", "main", "summary", "verdict"]
 
@@ -68,32 +73,50 @@ def summary(cells: list[Cell]) -> str:
     return "\n".join(out)
 
 
+def _as_typed(kind: type):
+    """An argparse ``type`` that checks the text reads as ``kind`` but keeps the text, so that a range error
+    quotes the value as it was typed (``--survives=2``, not ``2.0``)."""
+    def check(text: str) -> str:
+        kind(text)  # a ValueError reads "argument --x: invalid float value: 'y'"
+        return text
+
+    check.__name__ = kind.__name__
+    return check
+
+
 def _parser() -> argparse.ArgumentParser:
-    d = Thresholds()
     p = _Parser(prog=PROG, description="Write the report (index.html, charts, item pages, exports) of a quanteval sweep.")
     p.add_argument("sweep_dir", type=Path, help="sweep folder holding runs/*.json")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: <sweep_dir>/report)")
     p.add_argument("--fail-on", choices=sorted(FAIL_LEVELS), default=None,
                    help="exit 1 when any deciding cell collapses (or degrades), CI included")
-    for name, help_ in (("survives", "retained quality at or above: survives"),
-                        ("collapses", "retained quality below: collapses"),
-                        ("kl_survives", "mean KL below: survives"), ("kl_collapses", "mean KL at or above: collapses"),
-                        ("top1_survives", "same-top-token rate at or above: survives"),
-                        ("top1_collapses", "same-top-token rate below: collapses"),
-                        ("floor", "a baseline within this of chance is 'at floor'")):
-        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name),
-                       help=f"{help_} (default: %(default)s)")
+    for name, default, help_ in Thresholds.flags():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_as_typed(type(default)), default=None,
+                       help=f"{help_} (default: {default})")
     return p
 
 
+def _thresholds(args: argparse.Namespace) -> Thresholds:
+    """The thresholds the flags set (the others keep their defaults); a bad value raises _UsageError naming its flag."""
+    kinds = {name: type(default) for name, default, _ in Thresholds.flags()}
+    given = {name: getattr(args, name) for name in kinds if getattr(args, name) is not None}
+    try:
+        return Thresholds(**{name: kinds[name](text) for name, text in given.items()})
+    except ThresholdError as e:
+        raise _UsageError(ThresholdError(e.name, given.get(e.name, e.value), e.rule).flag()) from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Build the report and print the path of its index.html; 2 on bad input, 1 when --fail-on matches."""
+    """Build the report and print the path of its index.html; 2 on bad input, 1 when --fail-on matches.
+
+    ``argv`` defaults to ``sys.argv[1:]``; errors and warnings go to stderr, one line each::
+
+        main(["results/default", "--fail-on", "collapses", "--kl-survives", "0.05"])
+    """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args = _parser().parse_args(argv)
-        t = Thresholds(survives=args.survives, collapses=args.collapses, kl_survives=args.kl_survives,
-                       kl_collapses=args.kl_collapses, top1_survives=args.top1_survives,
-                       top1_collapses=args.top1_collapses, floor=args.floor)
+        t = _thresholds(args)
         report = build(args.sweep_dir, args.out, t)
     except (_UsageError, ValueError, OSError) as e:
         message = " ".join(str(e).split())  # always one line

@@ -5,6 +5,13 @@ Rows (per model)
     each generative task: its primary metric (quality) and its teacher-forced KL (fidelity);
     ``lmeval`` tasks: their first metric (quality).
 
+Each cell carries the ``metric`` it reads from its run's ``metrics`` (``ppl``, ``kl_mean``, ``same_top1``,
+``tf_kl_mean``, or the task's primary metric), so nothing parses row labels back.
+
+Kinds of work (for the recommendation) come from each task: the run record's ``task_meta``, else the
+task's YAML (``quanteval_tasks.task_table``; the run files 0.2.0 wrote hold none); WikiText-2 is the
+one built-in task (language modelling), and lm-eval tasks have no kind unless their record declares one.
+
 Quality cells
     retained = score_q / score_base, or (score_q - chance) / (score_base - chance) where the task has a
     chance level (``Thresholds.chance``). Labels: ``survives`` when retained >= ``survives`` (0.97),
@@ -35,53 +42,27 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from quanteval_tasks import KINDS_OF_WORK, task_table
 
-from quanteval.results import primary_value, run_items
+from quanteval.results import RunRecord, TaskMeta, primary_value, read_items
+from quanteval.thresholds import Thresholds
 
 log = logging.getLogger(__name__)
 
-KINDS = {  # kinds of work -> tasks, for the recommendation
-    "chat": ("ifeval", "mt_bench"),
-    "summarization": ("dialogsum",),
-    "math": ("gsm8k", "arith_chain"),
-    "code": ("humaneval",),
-    "language modelling": ("wikitext2",),
-}
 LABELS = ("survives", "survives?", "degrades?", "degrades", "collapses?", "collapses")
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Verdict thresholds (documented defaults); set in config (``report.*``) or on the CLI."""
-
-    survives: float = 0.97  # retained quality at or above: survives
-    collapses: float = 0.5  # retained quality below: collapses
-    kl_survives: float = 0.1  # mean KL below: survives
-    kl_collapses: float = 1.0  # mean KL at or above: collapses
-    top1_survives: float = 0.9  # same-top-token rate at or above: survives
-    top1_collapses: float = 0.5  # same-top-token rate below: collapses
-    floor: float = 0.05  # a baseline within this of chance is "at floor"
-    chance: dict = field(default_factory=dict)  # task -> chance level (default 0)
-    n_boot: int = 1000
-
-    def __post_init__(self) -> None:
-        if not 0 < self.collapses < self.survives:
-            raise ValueError("thresholds: need 0 < collapses < survives")
-        if not 0 < self.kl_survives < self.kl_collapses:
-            raise ValueError("thresholds: need 0 < kl_survives < kl_collapses")
-        if not 0 < self.top1_collapses < self.top1_survives <= 1:
-            raise ValueError("thresholds: need 0 < top1_collapses < top1_survives <= 1")
+WIKITEXT2 = TaskMeta(kind="language modelling", licence="WikiText-2, CC BY-SA 3.0.")  # the one built-in task
 
 
 @dataclass
 class Cell:
     model: str
     row: str  # e.g. "gsm8k: exact_match,flexible-extract", "wikitext2: mean KL"
+    metric: str  # the metrics key the row reads: "ppl", "kl_mean", "same_top1", "tf_kl_mean", a primary metric
     task: str
     kind: str  # "quality" | "kl" | "top1"
     decides: bool  # the row that decides this task's verdict (for the recommendation)
@@ -103,7 +84,9 @@ class Cell:
     group: str = ""  # evaluation-settings signature
 
     def to_json(self) -> dict:
+        """The cell as verdicts.json holds it; ``metric`` is left out (the row names it; 0.2.0's shape)."""
         d = asdict(self)
+        del d["metric"]
         d["ci"] = list(self.ci) if self.ci else None
         d["value_ci"] = list(self.value_ci) if self.value_ci else None
         return d
@@ -152,26 +135,71 @@ def retained_ratio(q: np.ndarray, b: np.ndarray, chance: float) -> Optional[floa
     return None if denom <= 0 else float((q.mean() - chance) / denom)
 
 
-def _signature(rec: dict) -> str:
+def _signature(rec: RunRecord) -> str:
     """Evaluation settings that must match for runs to be compared (task config + preset part)."""
-    s = rec.get("settings") or {}
+    s = rec.settings
     task = dict(s.get("task") or {})
     return json.dumps({"task": task, "preset": s.get("preset"), "model": s.get("model")}, sort_keys=True, default=str)
 
 
 @dataclass
 class RunData:
-    rec: dict
+    rec: RunRecord
     items: Optional[list[dict]]  # per-item records (generative / lmeval), None otherwise
     path: Optional[Path] = None  # the run file
 
 
-def load_items(run_file: Path, rec: dict) -> Optional[list[dict]]:
+def load_items(run_file: Path, rec: RunRecord) -> Optional[list[dict]]:
+    """The per-item records beside ``run_file``; None when the run has none or the file is unreadable (a warning)."""
+    if not rec.items_file:
+        return None
     try:
-        return run_items(run_file, rec)
+        return read_items(Path(run_file).with_name(rec.items_file))
     except (OSError, ValueError) as e:
         log.warning("%s: unreadable items file (%s)", run_file, e)
         return None
+
+
+def task_meta(rec: RunRecord) -> TaskMeta:
+    """What a run's task declares: the record's ``task_meta``, else the built-in WikiText-2's, else the task's YAML.
+
+    >>> task_meta(RunRecord(run_key="k", status="ok", task="gsm8k")).kind
+    'math'
+    >>> task_meta(RunRecord(run_key="k", status="ok", task="hellaswag")).kind is None  # lm-eval: none declared
+    True
+    """
+    if rec.task_meta is not None:
+        return rec.task_meta
+    if rec.task == "wikitext2":
+        return WIKITEXT2
+    info = task_table().get(rec.task)
+    return TaskMeta.from_dict(info.to_json()) if info else TaskMeta()
+
+
+def task_metas(runs: list[RunData]) -> dict[str, TaskMeta]:
+    """Per task name: the first ``task_meta`` its run records hold, else ``task_meta``'s fallback."""
+    out: dict[str, TaskMeta] = {}
+    for r in runs:
+        if r.rec.task_meta is not None:
+            out.setdefault(r.rec.task or "?", r.rec.task_meta)
+    for r in runs:
+        if (r.rec.task or "?") not in out:
+            out[r.rec.task or "?"] = task_meta(r.rec)
+    return out
+
+
+def kinds_of_work(metas: dict[str, TaskMeta]) -> dict[str, list[str]]:
+    """Kind of work -> its tasks (sorted), kinds in ``KINDS_OF_WORK`` order; tasks with no kind are left out.
+
+    >>> kinds_of_work({"gsm8k": TaskMeta(kind="math"), "wikitext2": WIKITEXT2, "hellaswag": TaskMeta()})
+    {'math': ['gsm8k'], 'language modelling': ['wikitext2']}
+    """
+    kinds: dict[str, list[str]] = {}
+    for task in sorted(metas):
+        if metas[task].kind:
+            kinds.setdefault(metas[task].kind, []).append(task)
+    order = {k: i for i, k in enumerate(KINDS_OF_WORK)}
+    return dict(sorted(kinds.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
 
 
 def build_cells(runs: list[RunData], t: Thresholds) -> tuple[list[Cell], list[str]]:
@@ -179,9 +207,7 @@ def build_cells(runs: list[RunData], t: Thresholds) -> tuple[list[Cell], list[st
     warnings: list[str] = []
     groups: dict[tuple[str, str, str], list[RunData]] = {}
     for r in runs:
-        rec = r.rec
-        model = (rec.get("model") or {}).get("name") or "?"
-        groups.setdefault((model, rec.get("task") or "?", _signature(rec)), []).append(r)
+        groups.setdefault((r.rec.model.name or "?", r.rec.task or "?", _signature(r.rec)), []).append(r)
     per_task: dict[tuple[str, str], list[str]] = {}
     for model, task, sig in groups:
         per_task.setdefault((model, task), []).append(sig)
@@ -208,59 +234,55 @@ def build_cells(runs: list[RunData], t: Thresholds) -> tuple[list[Cell], list[st
 def _sizes(runs: list[RunData]) -> dict[tuple[str, str], tuple[float, int]]:
     out = {}
     for r in runs:
-        c, v = r.rec.get("compression") or {}, r.rec.get("variant") or {}
-        if c.get("effective_bits") is not None:
-            out[((r.rec.get("model") or {}).get("name") or "?", v.get("label") or "?")] = (
-                c["effective_bits"], c.get("model_bytes"))
+        c = r.rec.compression
+        if c.effective_bits is not None:
+            out[(r.rec.model.name or "?", r.rec.variant.label or "?")] = (c.effective_bits, c.model_bytes)
     return out
 
 
-def _variant(rec: dict) -> dict:
-    v, c = rec.get("variant") or {}, rec.get("compression") or {}
-    return {"label": v.get("label") or "?", "method": v.get("method") or "?", "bits": v.get("bits"),
-            "effective_bits": c.get("effective_bits"), "model_bytes": c.get("model_bytes"),
-            "run_key": rec.get("run_key", "?")}
+def _variant(rec: RunRecord) -> dict:
+    v, c = rec.variant, rec.compression
+    return {"label": v.label or "?", "method": v.method or "?", "bits": v.bits,
+            "effective_bits": c.effective_bits, "model_bytes": c.model_bytes, "run_key": rec.run_key}
 
 
 def _task_cells(model: str, task: str, members: list[RunData], t: Thresholds, sig: str, suffix: str) -> list[Cell]:
-    base = next((r for r in members if (r.rec.get("variant") or {}).get("method") == "none"
-                 and r.rec.get("status") == "ok"), None)
+    base = next((r for r in members if r.rec.variant.method == "none" and r.rec.status == "ok"), None)
     cells = []
     for r in members:
-        rec = r.rec
-        rows = _rows(task, rec, base.rec if base else None)
-        for row, kind, decides in rows:
-            cell = Cell(model=model, row=row + suffix, task=task, kind=kind, decides=decides, group=sig, **_variant(rec))
+        for row, metric, kind, decides in _rows(task, r.rec, base.rec if base else None):
+            cell = Cell(model=model, row=row + suffix, metric=metric, task=task, kind=kind, decides=decides,
+                        group=sig, **_variant(r.rec))
             _fill(cell, r, base, t)
             cells.append(cell)
     return cells
 
 
-def _rows(task: str, rec: dict, base: Optional[dict]) -> list[tuple[str, str, bool]]:
-    """(row name, kind, decides) for a run of ``task``."""
+def _rows(task: str, rec: RunRecord, base: Optional[RunRecord]) -> list[tuple[str, str, str, bool]]:
+    """(row name, metric, kind, decides) for a run of ``task``."""
     if task == "wikitext2":
-        return [("wikitext2: perplexity", "quality", False), ("wikitext2: mean KL", "kl", True),
-                ("wikitext2: same top-1", "top1", False)]
-    primary = rec.get("primary_metric") or (base or {}).get("primary_metric")
+        return [("wikitext2: perplexity", "ppl", "quality", False), ("wikitext2: mean KL", "kl_mean", "kl", True),
+                ("wikitext2: same top-1", "same_top1", "top1", False)]
+    primary = rec.primary_metric or (base.primary_metric if base else None)
     if primary:
         # a primary that only measures agreement with the baseline's answer (mt_bench's ROUGE-L to it) is not
         # quality: free-form answers diverge after a few tokens even at 8 bits, so teacher-forced KL decides
         agreement_only = primary.endswith("_vs_base")
-        return [(f"{task}: {primary}", "quality", not agreement_only),
-                (f"{task}: teacher-forced KL", "kl", agreement_only)]
-    metrics = (rec.get("metrics") or (base or {}).get("metrics") or {})
+        return [(f"{task}: {primary}", primary, "quality", not agreement_only),
+                (f"{task}: teacher-forced KL", "tf_kl_mean", "kl", agreement_only)]
+    metrics = rec.metrics or (base.metrics if base else {})
     first = next((k for k in metrics if k not in ("n_items",)), None)
-    return [(f"{task}: {first}", "quality", True)] if first else []
+    return [(f"{task}: {first}", first, "quality", True)] if first else []
 
 
 def _fill(cell: Cell, r: RunData, base: Optional[RunData], t: Thresholds) -> None:
     rec = r.rec
-    status = rec.get("status")
+    status = rec.status
     if status == "collapsed":
-        cell.verdict, cell.note = "collapses", str(rec.get("reason") or "collapsed")
+        cell.verdict, cell.note = "collapses", str(rec.reason or "collapsed")
         return
     if status != "ok":
-        cell.verdict, cell.note = "failed", str(rec.get("error") or status)
+        cell.verdict, cell.note = "failed", str(rec.error or status)
         return
     if cell.method == "none":
         cell.verdict = "baseline"
@@ -278,20 +300,13 @@ def _fill(cell: Cell, r: RunData, base: Optional[RunData], t: Thresholds) -> Non
         _fill_items(cell, r, base, t)
 
 
-def _value(cell: Cell, rec: dict) -> Optional[float]:
-    m = rec.get("metrics") or {}
-    key = {"wikitext2: perplexity": "ppl", "wikitext2: mean KL": "kl_mean", "wikitext2: same top-1": "same_top1"}
-    if cell.task == "wikitext2":
-        v = m.get(key[cell.row.split(" [")[0]])
-    elif cell.kind == "kl":
-        v = m.get("tf_kl_mean")
-    else:
-        v = m.get(cell.row.split(": ", 1)[1].split(" [")[0])
+def _value(cell: Cell, rec: RunRecord) -> Optional[float]:
+    v = rec.metrics.get(cell.metric)
     return None if v is None else float(v)
 
 
-def _fill_windows(cell: Cell, rec: dict, base: dict, t: Thresholds) -> None:
-    pw, bw = rec.get("per_window") or {}, base.get("per_window") or {}
+def _fill_windows(cell: Cell, rec: RunRecord, base: RunRecord, t: Thresholds) -> None:
+    pw, bw = rec.per_window, base.per_window
     if cell.kind == "quality":  # perplexity: retained = ppl_base / ppl_q = exp(mean(nll_b - nll_q))
         q, b = np.asarray(pw.get("nll_mean") or []), np.asarray(bw.get("nll_mean") or [])
         cell.retained = (cell.base_value / cell.value) if cell.value else None
@@ -301,8 +316,7 @@ def _fill_windows(cell: Cell, rec: dict, base: dict, t: Thresholds) -> None:
         if cell.retained is not None:
             cell.verdict = label_high(cell.retained, cell.ci, t.survives, t.collapses)
         return
-    name = "kl_mean" if cell.kind == "kl" else "same_top1"
-    q = np.asarray(pw.get(name) or [])
+    q = np.asarray(pw.get(cell.metric) or [])
     if len(q) > 1:
         cell.ci = cell.value_ci = _bootstrap(len(q), lambda i: float(q[i].mean()), t.n_boot)
     if cell.value is None:
@@ -314,7 +328,7 @@ def _fill_windows(cell: Cell, rec: dict, base: dict, t: Thresholds) -> None:
 
 
 def _fill_items(cell: Cell, r: RunData, base: RunData, t: Thresholds) -> None:
-    m = r.rec.get("metrics") or {}
+    m = r.rec.metrics
     items, base_items = r.items or [], base.items or []
     by_id = {it.get("id"): it for it in base_items}
     pairs = [(it, by_id[it.get("id")]) for it in items if it.get("id") in by_id]
@@ -332,7 +346,7 @@ def _fill_items(cell: Cell, r: RunData, base: RunData, t: Thresholds) -> None:
     if "flips_lost" in m:
         cell.flips = {"lost": m["flips_lost"], "gained": m["flips_gained"], "rate": m.get("flip_rate"),
                       "mcnemar_p": m.get("mcnemar_p")}
-    primary = r.rec.get("primary_metric")
+    primary = r.rec.primary_metric
     chance = float(t.chance.get(cell.task, 0.0))
     if cell.value is None or cell.base_value is None:
         return
@@ -353,8 +367,9 @@ def _fill_items(cell: Cell, r: RunData, base: RunData, t: Thresholds) -> None:
     cell.verdict = label_high(cell.retained, cell.ci, t.survives, t.collapses)
 
 
-def recommend(cells: list[Cell]) -> dict[str, dict[str, dict]]:
-    """Per model, per kind of work (and "all tasks"): the smallest variant whose deciding cells all survive.
+def recommend(cells: list[Cell], kinds: dict[str, list[str]]) -> dict[str, dict[str, dict]]:
+    """Per model, per kind of work in ``kinds`` (see ``kinds_of_work``) and "all tasks": the smallest variant
+    whose deciding cells all survive.
 
     A deciding cell is each task's primary quality row (its fidelity label when the baseline is at
     floor) and WikiText-2's mean KL. "survives" must be unqualified: its CI clears the threshold.
@@ -363,15 +378,15 @@ def recommend(cells: list[Cell]) -> dict[str, dict[str, dict]]:
     for model in sorted({c.model for c in cells}):
         mc = [c for c in cells if c.model == model and c.decides]
         tasks_here = {c.task for c in mc}
-        kinds = {k: [x for x in v if x in tasks_here] for k, v in KINDS.items()}
-        kinds = {k: v for k, v in kinds.items() if v}
-        kinds["all tasks"] = sorted(tasks_here)
+        here = {k: [x for x in v if x in tasks_here] for k, v in kinds.items()}
+        here = {k: v for k, v in here.items() if v}
+        here["all tasks"] = sorted(tasks_here)
         variants: dict[str, list[Cell]] = {}
         for c in mc:
             if c.method != "none":
                 variants.setdefault(c.label, []).append(c)
         out[model] = {}
-        for kind, tasks in kinds.items():
+        for kind, tasks in here.items():
             ok = []
             for label, vc in variants.items():
                 rel = [c for c in vc if c.task in tasks]

@@ -8,8 +8,12 @@ Per model:
 - ``flips__<model>``: flip rate vs effective bits, one panel per task with 0/1 scores;
 - ``pareto__<model>``: mean retained quality (tasks whose baseline is above floor) vs model size in MB,
   every variant a point, the Pareto frontier drawn through the best;
-- ``arith_steps__<model>``: ``arith_chain`` accuracy vs number of steps, one line per variant;
-- ``gsm8k_kl_pos__<model>``: mean teacher-forced KL by position along the GSM8K reference solutions.
+- the charts a task asks for in its YAML (``sweep.charts``, carried in each run's ``task_meta``):
+  ``{by_tag: k}``: the primary metric by the values of item tag ``k`` (from the run's ``breakdown``), one
+  line per variant; ``{kl_by_position: true}``: mean teacher-forced KL by position along the texts.
+  Their files are ``<task>_by_<tag>__<model>`` and ``<task>_kl_pos__<model>``, except that arith_chain's
+  by-steps chart keeps the name the README links to, ``arith_steps__<model>``; ``BUILT_IN`` keeps that
+  name and the old titles and captions of arith_chain's and gsm8k's charts.
 
 Figures are drawn on an explicit ``FigureCanvasAgg``, so pyplot's global state is never touched, and
 nothing here imports torch.
@@ -26,7 +30,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from quanteval.report.cells import Cell, RunData, Thresholds
+from quanteval.report.cells import Cell, RunData
+from quanteval.results import RunRecord, TaskMeta
+from quanteval.thresholds import Thresholds
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +48,46 @@ class Chart:
     filename: str
     svg: str
     caption: str
+
+
+@dataclass(frozen=True)
+class Wording:
+    """A task chart's file stem (before ``__<model>``), title (after ``<model> — ``), axes and caption."""
+
+    stem: str
+    title: str
+    xlabel: str
+    ylabel: str
+    caption: str  # followed by " (<model>)"
+
+
+KL_NATS = "mean KL(baseline ‖ quantised), nats"
+BUILT_IN = {  # the built-in tasks' charts keep the file names the README links to, and their wording
+    ("arith_chain", "by_tag=k"): Wording("arith_steps", "arith_chain: does error compound with steps?",
+                                         "number of dependent steps k", "accuracy",
+                                         "arith_chain accuracy vs number of steps, per variant"),
+    ("gsm8k", "kl_by_position"): Wording("gsm8k_kl_pos", "teacher-forced KL along GSM8K reference solutions",
+                                         "token position in the solution", KL_NATS,
+                                         "Per-position KL along GSM8K reference solutions"),
+}
+
+
+def wording(task: str, hint: dict, primary: str | None = None) -> Wording:
+    """The file stem and texts of the chart ``hint`` asks for on ``task``.
+
+    >>> wording("arith_chain", {"by_tag": "k"}).stem, wording("gsm8k", {"kl_by_position": True}).stem
+    ('arith_steps', 'gsm8k_kl_pos')
+    >>> wording("my_task", {"by_tag": "level"}, "acc").stem
+    'my_task_by_level'
+    """
+    if "by_tag" in hint:
+        tag = str(hint["by_tag"])
+        return BUILT_IN.get((task, f"by_tag={tag}")) or Wording(
+            f"{_slug(task)}_by_{_slug(tag)}", f"{task}: {primary} by {tag}", tag, str(primary),
+            f"{task} {primary} by {tag}, per variant")
+    return BUILT_IN.get((task, "kl_by_position")) or Wording(
+        f"{_slug(task)}_kl_pos", f"teacher-forced KL along the {task} texts", "token position in the text", KL_NATS,
+        f"Per-position KL along the {task} texts")
 
 
 def method_color(method: str) -> str:
@@ -61,21 +107,30 @@ def _save(fig: Figure, out: Path, stem: str, caption: str, charts: list[Chart]) 
     charts.append(Chart(f"{stem}.png", f"{stem}.svg", caption))
 
 
-def write_charts(cells: list[Cell], runs: list[RunData], out: Path, t: Thresholds) -> list[Chart]:
-    """Every chart with data, in the order the index shows them. Old charts in ``out`` are removed."""
+def write_charts(cells: list[Cell], runs: list[RunData], out: Path, t: Thresholds,
+                 metas: dict[str, TaskMeta]) -> list[Chart]:
+    """Every chart with data, in the order the index shows them; ``metas``: task -> what it declares
+    (``cells.task_metas``). Old charts in ``out`` are removed."""
     for old in list(out.glob("*.png")) + list(out.glob("*.svg")):
         old.unlink()
     charts: list[Chart] = []
     for model in sorted({c.model for c in cells}):
         mc = [c for c in cells if c.model == model]
-        mruns = [r for r in runs if (r.rec.get("model") or {}).get("name") == model and r.rec.get("status") == "ok"]
+        mruns = [r for r in runs if r.rec.model.name == model and r.rec.status == "ok"]
         for task in sorted({c.task for c in mc}):
             _quality(model, task, [c for c in mc if c.task == task and c.kind == "quality"], out, charts)
-        _kl(model, [c for c in mc if c.row.startswith("wikitext2: mean KL")], out, t, charts)
+        _kl(model, [c for c in mc if c.task == "wikitext2" and c.metric == "kl_mean"], out, t, charts)
         _flips(model, [c for c in mc if c.kind == "quality" and c.flips is not None], out, charts)
         _pareto(model, mc, out, t, charts)
-        _arith_steps(model, [r for r in mruns if r.rec.get("task") == "arith_chain"], out, charts)
-        _kl_positions(model, [r for r in mruns if r.rec.get("task") == "gsm8k"], out, charts)
+        for task in sorted({r.rec.task or "?" for r in mruns}):
+            truns = [r for r in mruns if (r.rec.task or "?") == task]
+            for hint in metas[task].charts:
+                if "by_tag" in hint:
+                    _by_tag(model, task, str(hint["by_tag"]), truns, out, charts)
+                elif hint.get("kl_by_position"):
+                    _kl_positions(model, task, truns, out, charts)
+                else:
+                    log.warning("%s: chart hint %s is not one the report draws (by_tag, kl_by_position)", task, hint)
     return charts
 
 
@@ -105,8 +160,10 @@ def _quality(model: str, task: str, cells: list[Cell], out: Path, charts: list[C
         base = next((c for c in rc if c.method == "none"), None)
         if base is not None:
             ax.axhline(base.value, linestyle="--", color=METHOD_COLORS["none"], label=f"baseline ({base.value:.3g})")
-        metric = row.split(": ", 1)[1]
-        if "perplexity" in metric and min(c.value for c in rc) > 0 and max(c.value for c in rc) / min(c.value for c in rc) > 10:
+        metric = row.removeprefix(f"{task}: ")
+        values = [c.value for c in rc]
+        perplexity = rc[0].metric == "ppl" or "perplexity" in rc[0].metric
+        if perplexity and min(values) > 0 and max(values) / min(values) > 10:
             ax.set_yscale("log")
         ax.set(title=f"{model} — {row}", xlabel="effective bits per weight", ylabel=metric)
         ax.grid(True, alpha=0.3)
@@ -178,38 +235,49 @@ def _pareto(model: str, cells: list[Cell], out: Path, t: Thresholds, charts: lis
     _save(fig, out, f"pareto__{_slug(model)}", f"Retained quality vs model size with the Pareto frontier ({model})", charts)
 
 
-def _arith_steps(model: str, runs: list[RunData], out: Path, charts: list[Chart]) -> None:
+def _tag_values(keys) -> list[tuple[object, str]]:
+    """(x, key) for a breakdown's tag values: numbers in numeric order when every key is an integer, else text."""
+    try:
+        return [(int(k), k) for k in sorted(keys, key=int)]
+    except ValueError:
+        return [(str(k), k) for k in sorted(keys, key=str)]
+
+
+def _effective_bits(rec: RunRecord) -> float:
+    return rec.compression.effective_bits or 99
+
+
+def _by_tag(model: str, task: str, tag: str, runs: list[RunData], out: Path, charts: list[Chart]) -> None:
     series = []
     for r in runs:
-        by_k = ((r.rec.get("breakdown") or {}).get("k")) or {}
-        primary = r.rec.get("primary_metric")
-        if by_k and primary:
-            ks = sorted(by_k, key=int)
-            series.append((r.rec, [int(k) for k in ks], [by_k[k].get(primary) for k in ks]))
+        by_tag = r.rec.breakdown.get(tag) or {}
+        primary = r.rec.primary_metric
+        if by_tag and primary:
+            xs = _tag_values(by_tag)
+            series.append((r.rec, [x for x, _ in xs], [by_tag[k].get(primary) for _, k in xs]))
     if not series:
         return
+    w = wording(task, {"by_tag": tag}, series[0][0].primary_metric)
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()
-    for rec, ks, acc in sorted(series, key=lambda s: -((s[0].get("compression") or {}).get("effective_bits") or 99)):
-        v = rec.get("variant") or {}
-        color = METHOD_COLORS["none"] if v.get("method") == "none" else BIT_COLORS.get(v.get("bits"), "#9467bd")
-        style = {"none": "--", "rtn": "-", "gptq": "-.", "awq": ":"}.get(v.get("method"), "-")
-        ax.plot(ks, acc, marker="o", color=color, linestyle=style, label=v.get("label"))
-    ax.set(title=f"{model} — arith_chain: does error compound with steps?", xlabel="number of dependent steps k",
-           ylabel="accuracy")
+    for rec, xs, ys in sorted(series, key=lambda s: -_effective_bits(s[0])):
+        v = rec.variant
+        color = METHOD_COLORS["none"] if v.method == "none" else BIT_COLORS.get(v.bits, "#9467bd")
+        style = {"none": "--", "rtn": "-", "gptq": "-.", "awq": ":"}.get(v.method, "-")
+        ax.plot(xs, ys, marker="o", color=color, linestyle=style, label=v.label)
+    ax.set(title=f"{model} — {w.title}", xlabel=w.xlabel, ylabel=w.ylabel)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    _save(fig, out, f"arith_steps__{_slug(model)}", f"arith_chain accuracy vs number of steps, per variant ({model})",
-          charts)
+    _save(fig, out, f"{w.stem}__{_slug(model)}", f"{w.caption} ({model})", charts)
 
 
-def _kl_positions(model: str, runs: list[RunData], out: Path, charts: list[Chart]) -> None:
+def _kl_positions(model: str, task: str, runs: list[RunData], out: Path, charts: list[Chart]) -> None:
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()
     drawn = 0
-    for r in sorted(runs, key=lambda r: -((r.rec.get("compression") or {}).get("effective_bits") or 99)):
-        v = r.rec.get("variant") or {}
-        if v.get("method") == "none" or not r.items:
+    for r in sorted(runs, key=lambda r: -_effective_bits(r.rec)):
+        v = r.rec.variant
+        if v.method == "none" or not r.items:
             continue
         rows = [it["tf"]["kl_pos"] for it in r.items if it.get("tf") and it["tf"].get("kl_pos")]
         if not rows:
@@ -220,14 +288,14 @@ def _kl_positions(model: str, runs: list[RunData], out: Path, charts: list[Chart
             sums[: len(x)] += x
             counts[: len(x)] += 1
         keep = counts >= max(1, len(rows) // 2)  # positions most references reach
-        ax.plot(np.arange(n)[keep], (sums / np.maximum(counts, 1))[keep], color=method_color(v.get("method")),
-                linestyle={8: ":", 4: "-", 3: "--", 2: "-."}.get(v.get("bits"), "-"), label=v.get("label"))
+        ax.plot(np.arange(n)[keep], (sums / np.maximum(counts, 1))[keep], color=method_color(v.method),
+                linestyle={8: ":", 4: "-", 3: "--", 2: "-."}.get(v.bits, "-"), label=v.label)
         drawn += 1
     if not drawn:
         return
+    w = wording(task, {"kl_by_position": True})
     ax.set_yscale("log")
-    ax.set(title=f"{model} — teacher-forced KL along GSM8K reference solutions", xlabel="token position in the solution",
-           ylabel="mean KL(baseline ‖ quantised), nats")
+    ax.set(title=f"{model} — {w.title}", xlabel=w.xlabel, ylabel=w.ylabel)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    _save(fig, out, f"gsm8k_kl_pos__{_slug(model)}", f"Per-position KL along GSM8K reference solutions ({model})", charts)
+    _save(fig, out, f"{w.stem}__{_slug(model)}", f"{w.caption} ({model})", charts)

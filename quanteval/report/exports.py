@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 from quanteval import results
-from quanteval.report.cells import Cell, Thresholds
+from quanteval.report.cells import Cell
+from quanteval.thresholds import Thresholds
 
 
 def write_exports(out: Path, sweep_dir: Path, cells: list[Cell], recommendation: dict, t: Thresholds) -> None:
