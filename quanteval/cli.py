@@ -1,5 +1,5 @@
-"""The command lines: ``quanteval [overrides]`` and ``quanteval-export``. The only module that imports
-Hydra and OmegaConf.
+"""The command lines: ``quanteval [overrides]``, ``quanteval-report`` and ``quanteval-export``. The only
+module that imports Hydra and OmegaConf, and the home of every console entry point.
 
 ``conf/config.yaml`` puts Hydra in MULTIRUN mode with the default grid in
 ``hydra.sweeper.params``; overrides change it (``quanteval bits=4,3
@@ -319,8 +319,18 @@ def _job(cfg: DictConfig) -> None:
             _FAILED.append(label)
 
 
+OPEN_DICTS = ("preset.limits.", "preset.max_new_tokens.", "report.chance.")  # per-task entries users add
+
+
+def _open_dict_overrides(args: list[str]) -> list[str]:
+    """``preset.limits.<task>=N`` (and the other per-task dicts) adds or replaces the entry: the preset files
+    list no tasks (each task's YAML sizes itself), so Hydra's ``++`` (add or override) is implied."""
+    return [f"++{a}" if a.startswith(OPEN_DICTS) else a for a in args]
+
+
 def main() -> None:
     """Console entry point: validate the whole grid, then hand over to Hydra."""
+    sys.argv = sys.argv[:1] + _open_dict_overrides(sys.argv[1:])
     args = sys.argv[1:]
     plan = [a for a in args if a.split("=", 1)[0] == "plan"]
     if plan:  # plan=true: print what the sweep would do, run nothing
@@ -373,6 +383,86 @@ def export_main(argv: list[str] | None = None) -> int:
         print(f"quanteval-export: error: {e}", file=sys.stderr)
         return 2
     print(f"quanteval-export: wrote {path}")
+    return 0
+
+
+REPORT_PROG = "quanteval-report"
+
+
+class _ReportUsage(Exception):
+    """Raised instead of argparse's exit so that every error of ``quanteval-report`` is one line on stderr."""
+
+
+def _report_parser():
+    import argparse
+
+    from quanteval.report import FAIL_LEVELS
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> None:  # type: ignore[override]
+            raise _ReportUsage(message)
+
+    def as_typed(kind: type):
+        """Checks the text reads as ``kind`` but keeps the text, so that a range error quotes the value as
+        typed (``--survives=2``, not ``2.0``)."""
+        def check(text: str) -> str:
+            kind(text)  # a ValueError reads "argument --x: invalid float value: 'y'"
+            return text
+
+        check.__name__ = kind.__name__
+        return check
+
+    p = Parser(prog=REPORT_PROG,
+               description="Write the report (index.html, charts, item pages, exports) of a quanteval sweep.")
+    p.add_argument("sweep_dir", type=Path, help="sweep folder holding runs/*.json")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: <sweep_dir>/report)")
+    p.add_argument("--fail-on", choices=sorted(FAIL_LEVELS), default=None,
+                   help="exit 1 when any deciding cell collapses (or degrades), CI included")
+    for name, default, help_ in Thresholds.flags():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=as_typed(type(default)), default=None,
+                       help=f"{help_} (default: {default})")
+    return p
+
+
+def _report_thresholds(args) -> Thresholds:
+    """The thresholds the flags set (the others keep their defaults); a bad value names its flag."""
+    from quanteval.thresholds import ThresholdError
+
+    kinds = {name: type(default) for name, default, _ in Thresholds.flags()}
+    given = {name: getattr(args, name) for name in kinds if getattr(args, name) is not None}
+    try:
+        return Thresholds(**{name: kinds[name](text) for name, text in given.items()})
+    except ThresholdError as e:
+        raise _ReportUsage(ThresholdError(e.name, given.get(e.name, e.value), e.rule).flag()) from None
+
+
+def report_main(argv: list[str] | None = None) -> int:
+    """Console entry point ``quanteval-report SWEEP_DIR [--out DIR] [--fail-on LEVEL] [--<threshold> X]``.
+
+    Builds the report and prints the path of its index.html; 2 on bad input, 1 when --fail-on matches.
+    ``argv`` defaults to ``sys.argv[1:]``; errors and warnings go to stderr, one line each::
+
+        report_main(["results/default", "--fail-on", "collapses", "--kl-survives", "0.05"])
+    """
+    from quanteval.report import build, failing
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args = _report_parser().parse_args(argv)
+        report = build(args.sweep_dir, args.out, _report_thresholds(args))
+    except (_ReportUsage, ValueError, OSError) as e:
+        message = " ".join(str(e).split())  # always one line
+        print(f"{REPORT_PROG}: error: {message}", file=sys.stderr)
+        return 2
+    for w in report.warnings:
+        print(f"{REPORT_PROG}: warning: {w}", file=sys.stderr)
+    print(report.index)
+    if args.fail_on:
+        bad = failing(report.cells, args.fail_on)
+        if bad:
+            names = ", ".join(sorted({f"{c.row} {c.label} ({c.verdict})" for c in bad})[:10])
+            print(f"{REPORT_PROG}: {len(bad)} cell(s) match --fail-on {args.fail_on}: {names}", file=sys.stderr)
+            return 1
     return 0
 
 

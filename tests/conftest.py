@@ -100,8 +100,8 @@ def one_thread_module():
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600, cli: str = "quanteval") -> subprocess.CompletedProcess:
     """Run the real console script in a subprocess (Hydra and all)."""
     full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
-    module = {"quanteval": "quanteval.cli", "quanteval-report": "quanteval.report"}[cli]
-    code = f"import sys; sys.argv[0] = {cli!r}; from {module} import main; sys.exit(main())"
+    fn = {"quanteval": "main", "quanteval-report": "report_main"}[cli]
+    code = f"import sys; sys.argv[0] = {cli!r}; from quanteval.cli import {fn}; sys.exit({fn}())"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=REPO)
 

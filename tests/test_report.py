@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 import quanteval.thresholds
-from quanteval.report import Thresholds, _parser, build, build_report, failing, main, summary, verdict
+from quanteval.cli import _report_parser, report_main as main
+from quanteval.report import Thresholds, build, build_report, failing, summary, verdict
 from quanteval.report.cells import label_high, label_low
 from quanteval.results import load, write_atomic, write_run
 
@@ -267,7 +268,7 @@ def test_bad_input(tmp_path, capsys):
 
 def test_thresholds_are_the_one_class_and_flags_come_from_it(sweep, tmp_path):
     assert Thresholds is quanteval.thresholds.Thresholds
-    flags = {a.dest: a.option_strings for a in _parser()._actions}
+    flags = {a.dest: a.option_strings for a in _report_parser()._actions}
     for name, _, _ in Thresholds.flags():
         assert flags[name] == [f"--{name.replace('_', '-')}"]
     assert main([str(sweep), "--out", str(tmp_path / "r"), "--kl-survives", "0.05", "--n-boot", "200"]) == 0
@@ -325,5 +326,6 @@ def test_task_knowledge_comes_from_the_task(tmp_path):
 
 def test_report_never_imports_torch(sweep, tmp_path):
     code = ("import quanteval.report, sys; assert 'torch' not in sys.modules; "
-            f"quanteval.report.build({str(sweep)!r}, {str(tmp_path / 'r')!r}); assert 'torch' not in sys.modules")
+            f"quanteval.report.build({str(sweep)!r}, {str(tmp_path / 'r')!r}); assert 'torch' not in sys.modules; "
+            "from quanteval.cli import report_main; assert 'torch' not in sys.modules")  # its console script too
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)

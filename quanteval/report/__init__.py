@@ -8,13 +8,13 @@ module), so reports build anywhere, e.g. on results copied from a cluster.
 - ``Thresholds``: verdict thresholds (``quanteval.thresholds``, re-exported here).
 - ``summary(cells)``: the compact verdict table printed at the end of a sweep.
 - ``failing(cells, level)``: the deciding cells ``--fail-on level`` matches.
-- ``main(argv)``: the ``quanteval-report`` console script; returns its exit status (0, 1 when
-  ``--fail-on collapses|degrades`` matches a deciding cell, to gate a deployment pipeline, 2 on bad
-  input). Its threshold flags (``--survives``, ``--kl-collapses``, ...) are ``Thresholds.flags()``;
-  a value outside its range is one line, e.g. ``quanteval-report: error: --survives=2: must be in
-  (collapses, 1] (collapses=0.5)``, before anything is read.
 
-Example::
+The ``quanteval-report`` console script is ``quanteval.cli.report_main`` (every entry point lives in
+``quanteval/cli.py``); it returns 0, 1 when ``--fail-on collapses|degrades`` matches a deciding cell
+(to gate a deployment pipeline), 2 on bad input. Its threshold flags (``--survives``,
+``--kl-collapses``, ...) are ``Thresholds.flags()``; a value outside its range is one line, e.g.
+``quanteval-report: error: --survives=2: must be in (collapses, 1] (collapses=0.5)``, before
+anything is read::
 
     $ quanteval-report results/default --fail-on collapses
     results/default/report/index.html
@@ -22,31 +22,16 @@ Example::
 
 from __future__ import annotations
 
-import argparse
-import logging
-import sys
-from pathlib import Path
-
 from quanteval.report.cells import Cell
 from quanteval.report.html import Report, build, build_report, verdict
-from quanteval.thresholds import ThresholdError, Thresholds
+from quanteval.thresholds import Thresholds
 
-__all__ = ["Report", "Thresholds", "build", "build_report", "failing", "main", "summary", "verdict"]
+__all__ = ["Report", "Thresholds", "build", "build_report", "failing", "summary", "verdict"]
 
-PROG = "quanteval-report"
 FAIL_LEVELS = {"collapses": ("collapses", "collapses?"),
                "degrades": ("degrades", "degrades?", "collapses", "collapses?", "survives?")}
 SHORT = {"survives": "ok", "survives?": "ok?", "degrades?": "deg?", "degrades": "DEG", "collapses?": "COL?",
          "collapses": "COL", "baseline": "base", "failed": "FAIL", "no baseline": "nobase", "unknown": "-"}
-
-
-class _UsageError(Exception):
-    """Raised instead of argparse's exit so that every error is one line on stderr."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(message)
 
 
 def failing(cells: list[Cell], level: str) -> list[Cell]:
@@ -71,68 +56,3 @@ def summary(cells: list[Cell]) -> str:
             out.append(f"{r:<{w}} {cells_txt}")
     out.append("ok = survives, DEG = degrades, COL = collapses, ? = CI straddles a threshold")
     return "\n".join(out)
-
-
-def _as_typed(kind: type):
-    """An argparse ``type`` that checks the text reads as ``kind`` but keeps the text, so that a range error
-    quotes the value as it was typed (``--survives=2``, not ``2.0``)."""
-    def check(text: str) -> str:
-        kind(text)  # a ValueError reads "argument --x: invalid float value: 'y'"
-        return text
-
-    check.__name__ = kind.__name__
-    return check
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Write the report (index.html, charts, item pages, exports) of a quanteval sweep.")
-    p.add_argument("sweep_dir", type=Path, help="sweep folder holding runs/*.json")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: <sweep_dir>/report)")
-    p.add_argument("--fail-on", choices=sorted(FAIL_LEVELS), default=None,
-                   help="exit 1 when any deciding cell collapses (or degrades), CI included")
-    for name, default, help_ in Thresholds.flags():
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_as_typed(type(default)), default=None,
-                       help=f"{help_} (default: {default})")
-    return p
-
-
-def _thresholds(args: argparse.Namespace) -> Thresholds:
-    """The thresholds the flags set (the others keep their defaults); a bad value raises _UsageError naming its flag."""
-    kinds = {name: type(default) for name, default, _ in Thresholds.flags()}
-    given = {name: getattr(args, name) for name in kinds if getattr(args, name) is not None}
-    try:
-        return Thresholds(**{name: kinds[name](text) for name, text in given.items()})
-    except ThresholdError as e:
-        raise _UsageError(ThresholdError(e.name, given.get(e.name, e.value), e.rule).flag()) from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Build the report and print the path of its index.html; 2 on bad input, 1 when --fail-on matches.
-
-    ``argv`` defaults to ``sys.argv[1:]``; errors and warnings go to stderr, one line each::
-
-        main(["results/default", "--fail-on", "collapses", "--kl-survives", "0.05"])
-    """
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        args = _parser().parse_args(argv)
-        t = _thresholds(args)
-        report = build(args.sweep_dir, args.out, t)
-    except (_UsageError, ValueError, OSError) as e:
-        message = " ".join(str(e).split())  # always one line
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 2
-    for w in report.warnings:
-        print(f"{PROG}: warning: {w}", file=sys.stderr)
-    print(report.index)
-    if args.fail_on:
-        bad = failing(report.cells, args.fail_on)
-        if bad:
-            names = ", ".join(sorted({f"{c.row} {c.label} ({c.verdict})" for c in bad})[:10])
-            print(f"{PROG}: {len(bad)} cell(s) match --fail-on {args.fail_on}: {names}", file=sys.stderr)
-            return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
