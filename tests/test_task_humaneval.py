@@ -121,7 +121,9 @@ def test_lm_eval_loads_task(items, lm_eval_task):
     assert task.doc_to_text(test_docs[0]) == items[0]["prompt"]
     assert task.doc_to_target(test_docs[0]) == items[0]["canonical_solution"]
     assert task.config.generation_kwargs["until"] == ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
-    assert task.config.metadata["quanteval"] == {"chat": False, "primary": "pass@1", "binary": True,
+    meta = dict(task.config.metadata["quanteval"])
+    assert meta.pop("sweep")["kind"] == "code"  # how quanteval sweeps it (quanteval_tasks.task_table)
+    assert meta == {"chat": False, "primary": "pass@1", "binary": True,
                                                  "teacher_forced": "reference", "tags": []}
 
 

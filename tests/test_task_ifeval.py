@@ -213,7 +213,9 @@ def test_lm_eval_loads_task(items, lm_eval_task):
     assert len(test_docs) == 541 and test_docs[0]["id"] == "1000"
     assert task.doc_to_text(test_docs[0]) == items[1000]["prompt"]
     assert task.config.generation_kwargs == {"until": [], "do_sample": False, "max_gen_toks": 1280}
-    assert task.config.metadata["quanteval"] == {"chat": True, "primary": "prompt_level_strict_acc",
+    meta = dict(task.config.metadata["quanteval"])
+    assert meta.pop("sweep")["kind"] == "chat"  # how quanteval sweeps it (quanteval_tasks.task_table)
+    assert meta == {"chat": True, "primary": "prompt_level_strict_acc",
                                                  "binary": True, "teacher_forced": "baseline", "tags": []}
     assert set(task.aggregation()) == {"prompt_level_strict_acc", "inst_level_strict_acc",
                                        "prompt_level_loose_acc", "inst_level_loose_acc"}
