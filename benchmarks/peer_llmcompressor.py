@@ -1,15 +1,16 @@
 """Peer benchmark: quanteval's GPTQ and RTN against llm-compressor's, on SmolLM2-135M, in one run.
 
-Same model (the converted GGUF baseline), same calibration token ids
-(WikiText-2 valid, ``--n-samples`` x ``--seq-len``, seed 0), same bits and
-group size (g64: llm-compressor needs the group size to divide the width),
-same evaluation (quanteval's WikiText-2 fidelity code on test windows). Each
-quantisation runs in a fresh process so its peak RSS is its own; both load
-the same fp32 model. AWQ is not compared here: llm-compressor's
-AWQModifier needs an accelerator ("Cannot access accelerator device when
-none is available"), so the AWQ comparison is pending a GPU machine.
+Both sides at llm-compressor's defaults: GPTQ with activation order and static groups (llm-compressor's
+``actorder=static``; quanteval's default since issue 13), dampening 0.01, block size 128; RTN as
+``QuantizationModifier``. Same model (the converted GGUF baseline, fp32), same calibration token ids
+(``--calibration``, ``--n-samples`` x ``--seq-len``, seed 0; no BOS token, every position attended, on
+both sides), same bits and group size (g64: llm-compressor needs the group size to divide the width),
+same evaluation (quanteval's WikiText-2 fidelity code on test windows). llm-compressor runs through
+``method=llmcompressor``'s own worker (its venv, a subprocess), so the benchmark measures exactly what a
+sweep runs; each quantisation is a fresh process, so its peak RSS is its own. AWQ is not compared:
+llm-compressor's AWQModifier needs an accelerator.
 
-Run (creates .venv-llmc with llm-compressor the first time)::
+Run (make llm-compressor's venv once first: ``python -m quanteval.methods.llmcompressor --setup``)::
 
     python benchmarks/peer_llmcompressor.py --out results/bench/peer
 
@@ -27,34 +28,25 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-VENV = REPO / ".venv-llmc"
 
 
-def ensure_venv() -> Path:
-    py = VENV / "bin" / "python"
-    if not py.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "llmcompressor", "gguf"], check=True)
-    return py
+def _model_and_calib(n_samples: int, seq_len: int, calibration: str):
+    import torch
 
-
-def _model_and_calib(n_samples: int, seq_len: int):
-    from quanteval.calibration import calibration_file, calibration_ids
+    from quanteval.calibration import calibration_token_ids
     from quanteval.config import ModelConfig
     from quanteval.data import resolve_data_dir
     from quanteval.models import load_model
-    import torch
+    from quanteval.variant import Calibration
 
     loaded = load_model(ModelConfig(), torch.device("cpu"), torch.float32)
     root = resolve_data_dir(None)
-    ids = calibration_ids(loaded.tokenizer, calibration_file("wikitext2", None, root), n_samples, seq_len, 0)
-    return loaded, ids, root
+    calib = Calibration(calibration, None, 0, n_samples, seq_len, 8)
+    return loaded, calibration_token_ids(calib, loaded.tokenizer, root, "chat"), root
 
 
-def ours(out: Path, method: str, bits: int, group: int, n_samples: int, seq_len: int) -> None:
-    """One quantisation in this (fresh) process: time, breakdown and peak RSS; saves the result."""
+def ours(out: Path, method: str, bits: int, group: int, n_samples: int, seq_len: int, calibration: str) -> None:
+    """One quanteval quantisation in this (fresh) process: time, breakdown and peak RSS; saves the result."""
     import torch
 
     from quanteval.calibration import capture_inputs
@@ -63,7 +55,7 @@ def ours(out: Path, method: str, bits: int, group: int, n_samples: int, seq_len:
     from quanteval.models import adapter_for
 
     t0 = time.perf_counter()
-    loaded, ids, _ = _model_and_calib(n_samples, seq_len)
+    loaded, ids, _ = _model_and_calib(n_samples, seq_len, calibration)
     load_s = time.perf_counter() - t0
     model, adapter = loaded.model, adapter_for(loaded.model)
     spec = QuantSpec(bits, group, False)
@@ -83,65 +75,70 @@ def ours(out: Path, method: str, bits: int, group: int, n_samples: int, seq_len:
     torch.save(ids, out / "calib.pt")
 
 
-def evaluate(out: Path, runs: list[tuple[str, int]], n_windows: int, eval_len: int) -> dict:
-    """Score every saved result with quanteval's fidelity code against one baseline."""
+def peer(out: Path, method: str, bits: int, group: int, n_samples: int, seq_len: int, calibration: str) -> None:
+    """llm-compressor's quantisation through method=llmcompressor's worker (its own process and venv)."""
     import torch
-    from safetensors.torch import load_file
 
+    from quanteval.config import LLMCompressorConfig
+    from quanteval.methods import QuantResult, QuantSpec
+    from quanteval.methods.llmcompressor import job_for, layer_from_llmc, run_worker
+
+    loaded, ids, _ = _model_and_calib(n_samples, seq_len, calibration)
+    assert torch.equal(ids, torch.load(out / "calib.pt")), "both sides must see the same calibration ids"
+    spec = QuantSpec(bits, group, False)
+    got = run_worker(loaded.model, loaded.tokenizer, ids, job_for(spec, LLMCompressorConfig(modifier=method)))
+    QuantResult(layers={n: layer_from_llmc(v, spec) for n, v in got["layers"].items()}).save(
+        out / f"llmc-{method}-w{bits}.pt")
+    (out / f"llmc-{method}-w{bits}.json").write_text(json.dumps({
+        "library": f"llm-compressor {got['versions']['llmcompressor']}", "method": method, "bits": bits,
+        "load_s": got["load_s"], "quantize_s": got["quantize_s"], "peak_rss_mb": got["peak_rss_mb"]}))
+
+
+def evaluate(out: Path, runs: list[tuple[str, int]], n_windows: int, eval_len: int) -> dict:
+    """Score every saved result with quanteval's fidelity code against one baseline; compare the levels."""
     from quanteval.data import data_file
     from quanteval.evaluate.fidelity import baseline_stats, compare, make_windows
     from quanteval.methods import QuantResult, apply_result
 
-    loaded, _, root = _model_and_calib(1, 8)
+    loaded, _, root = _model_and_calib(1, 8, "wikitext2")
     model = loaded.model
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     text = data_file(root, "wikitext2/test.txt").read_text()
     windows = make_windows(loaded.tokenizer, text, n_windows, eval_len)
     base = baseline_stats(model, windows, 64)
     scores = {"baseline": compare(model, windows, base)}
-    weights, levels, ours_levels = {}, {}, {}
+    results = {}
     for method, bits in runs:
         for lib in ("ours", "llmc"):
             model.load_state_dict(base_state)
-            if lib == "ours":
-                res = QuantResult.load(out / f"ours-{method}-w{bits}.pt")
-                apply_result(model, res)
-                w = {n: lq.dequantize() for n, lq in res.layers.items()}
-                ours_levels[(method, bits)] = {
-                    n: lq.codes.float() - lq.zeros.float()[:, lq.g_idx.long()] for n, lq in res.layers.items()}
-            else:
-                blob = load_file(str(out / f"llmc-{method}-w{bits}.safetensors"))
-                w = {n: t for n, t in blob.items() if "__" not in n}
-                with torch.no_grad():
-                    for n, t in w.items():
-                        model.get_submodule(n).weight.copy_(t)
-                # signed integer levels (code - zero) of the peer, to compare rounding decisions
-                levels[(method, bits)] = {
-                    n: torch.round(t / blob[n + ".__scale"].repeat_interleave(64, 1)) for n, t in w.items()}
-            weights[(lib, method, bits)] = w
+            res = QuantResult.load(out / f"{lib}-{method}-w{bits}.pt")
+            apply_result(model, res)
+            results[(lib, method, bits)] = res
             m = compare(model, windows, base)
             m.pop("per_window")
             scores[f"{lib}-{method}-w{bits}"] = m
-    ident = {}
+    agree = {}
     for method, bits in runs:
-        a, b = weights[("ours", method, bits)], weights[("llmc", method, bits)]
-        diffs = [(a[n] - b[n]).abs() for n in a]
-        ident[f"{method}-w{bits}"] = {
+        a, b = results[("ours", method, bits)].layers, results[("llmc", method, bits)].layers
+        # the integer level (code - zero) each side chose for each weight: the rounding decisions
+        lev = {lib: {n: lq.codes.float() - lq.zeros.float()[:, lq.g_idx.long()] for n, lq in layers.items()}
+               for lib, layers in (("ours", a), ("llmc", b))}
+        n_all = sum(t.numel() for t in lev["ours"].values())
+        diffs = [(a[n].dequantize() - b[n].dequantize()).abs() for n in a]
+        agree[f"{method}-w{bits}"] = {
             "layers": len(a), "same_layer_set": sorted(a) == sorted(b),
+            "fraction_same_level": float(sum((lev["ours"][n] == lev["llmc"][n]).sum() for n in a) / n_all),
+            "fraction_identical_weight": float(sum((d == 0).sum() for d in diffs) / n_all),
             "max_abs_diff": float(max(d.max() for d in diffs)),
-            "fraction_identical": float(sum((d == 0).sum() for d in diffs) / sum(d.numel() for d in diffs)),
-            # same integer level (code - zero) chosen for a weight: the rounding decisions agree
-            "fraction_same_level": float(
-                sum((ours_levels[(method, bits)][n] == levels[(method, bits)][n]).sum() for n in a)
-                / sum(d.numel() for d in diffs)),
         }
-    return {"scores": scores, "weights": ident}
+    return {"scores": scores, "weights": agree}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results/bench/peer")
-    ap.add_argument("--n-samples", type=int, default=64)
+    ap.add_argument("--n-samples", type=int, default=32, help="calibration sequences (the default preset's)")
+    ap.add_argument("--calibration", default="wikitext2", choices=["wikitext2", "mix"])
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--bits", default="4,3")
     ap.add_argument("--n-windows", type=int, default=16)
@@ -149,21 +146,20 @@ def main() -> None:
     a = ap.parse_args()
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    if a.step.startswith("ours:"):
-        _, method, bits = a.step.split(":")
-        return ours(out, method, int(bits), 64, a.n_samples, a.seq_len)
-    py = ensure_venv()
-    from quanteval.config import ModelConfig
-    from quanteval.models import _converted_dir, gguf_path
+    if a.step != "all":  # one quantisation, in this fresh process
+        side, method, bits = a.step.split(":")
+        fn = ours if side == "ours" else peer
+        return fn(out, method, int(bits), 64, a.n_samples, a.seq_len, a.calibration)
+    from quanteval.methods.llmcompressor import venv_python
 
-    model_dir = _converted_dir(ModelConfig(), gguf_path(ModelConfig()))
+    venv_python()  # the one-line error naming the setup command, before any work
     runs = [("rtn", b) for b in map(int, a.bits.split(","))] + [("gptq", b) for b in map(int, a.bits.split(","))]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     for method, bits in runs:
-        base = [sys.executable, __file__, "--out", str(out), "--n-samples", str(a.n_samples), "--seq-len", str(a.seq_len)]
+        base = [sys.executable, __file__, "--out", str(out), "--n-samples", str(a.n_samples), "--seq-len",
+                str(a.seq_len), "--calibration", a.calibration]
         subprocess.run(base + ["--step", f"ours:{method}:{bits}"], check=True, env=env)
-        subprocess.run([str(py), str(REPO / "benchmarks" / "llmc_side.py"), str(model_dir), str(out / "calib.pt"),
-                        str(out), method, str(bits), "64"], check=True, env=env)
+        subprocess.run(base + ["--step", f"llmc:{method}:{bits}"], check=True, env=env)
     res = evaluate(out, runs, a.n_windows, 512)
     rows = []
     for method, bits in runs:

@@ -43,6 +43,7 @@ def _register() -> None:
     cs.store(group="method", name="base_rtn", node=C.RTNConfig)
     cs.store(group="method", name="base_gptq", node=C.GPTQConfig)
     cs.store(group="method", name="base_awq", node=C.AWQConfig)
+    cs.store(group="method", name="base_llmcompressor", node=C.LLMCompressorConfig)
     cs.store(group="task", name="base_wikitext2", node=C.WikiText2Config)
     cs.store(group="task", name="base_generative", node=C.GenerativeTaskConfig)
     cs.store(group="task", name="base_lmeval", node=C.LMEvalTaskConfig)
@@ -211,12 +212,9 @@ def _check_inputs(cfg: C.RunConfig) -> None:
         from quanteval.methods import METHODS
 
         if cfg.method.quantizes and METHODS[cfg.method.name].needs_calibration:
-            from quanteval.calibration import calibration_file, read_text
-
-            c = cfg.calibration
-            if c.path is not None and Path(c.path).is_dir():
-                raise ValueError(f"calibration.path={c.path}: is a folder; give a .jsonl or .txt file")
-            read_text(calibration_file(c.dataset, c.path, root))  # empty / malformed: one line, now
+            _check_calibration(cfg.calibration, root)
+        if cfg.method.name == "llmcompressor":
+            _check_llmcompressor(cfg)
         if cfg.task.kind == "generative":
             from quanteval.evaluate import task_for
 
@@ -236,6 +234,55 @@ def _check_inputs(cfg: C.RunConfig) -> None:
             check_gguf(gguf_path(cfg.model))
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
+
+
+def _check_calibration(c: C.CalibrationConfig, root: Path) -> None:
+    """The calibration files parse, and hold no item that a task evaluates (ValueError naming the task)."""
+    from quanteval.calibration import MIX, calibration_file, leaked_item, read_text
+
+    if c.path is not None and Path(c.path).is_dir():
+        raise ValueError(f"calibration.path={c.path}: is a folder; give a .jsonl or .txt file")
+    names = MIX if (c.path is None and c.dataset == "mix") else (c.dataset,)
+    files = [calibration_file(n, c.path, root) for n in names]
+    for f in files:
+        read_text(f)  # empty / malformed: one line, now
+        leak = leaked_item(f, _task_data_files(root))
+        if leak:
+            task, data, line, cline = leak
+            what = f"calibration.path={c.path}" if c.path else f"calibration.dataset={c.dataset}"
+            raise ValueError(f"{what}: {f.name} line {cline} is an item that task {task} evaluates ({data} line "
+                             f"{line}); calibrating on test items inflates its scores: remove it or calibrate on "
+                             f"other text")
+
+
+@lru_cache(maxsize=None)
+def _task_data_files(root: Path) -> dict[str, Path]:
+    """Each generative task's local data file (tasks whose module names one in ``DATA`` and that exist)."""
+    from quanteval_tasks import load_module, task_table
+
+    out = {}
+    for name, info in task_table().items():
+        rel = getattr(load_module(info), "DATA", None)
+        if rel and (root / rel).exists():
+            out[name] = root / rel
+    return out
+
+
+def _check_llmcompressor(cfg: C.RunConfig) -> None:
+    """method=llmcompressor: its venv exists, and AWQ has a GPU (ValueError, one line)."""
+    from quanteval.methods.llmcompressor import LLMCompressorError, venv_python
+    from quanteval.models import resolve_device
+
+    if cfg.method.modifier == "awq" and resolve_device(cfg.device).type != "cuda":
+        raise ValueError("method=llmcompressor method.modifier=awq: llm-compressor's AWQModifier needs a GPU "
+                         "(on a CPU it stops with 'Cannot access accelerator device when none is available'); "
+                         "run it with device=cuda on a GPU machine")
+    if cfg.quantize_embeddings:
+        raise ValueError("method=llmcompressor: quantize_embeddings=true is not supported (its recipe ignores lm_head)")
+    try:
+        venv_python()
+    except LLMCompressorError as e:
+        raise ValueError(str(e)) from None
 
 
 @lru_cache(maxsize=None)

@@ -59,6 +59,11 @@ class MethodConfig:
     def quantizes(self) -> bool:
         return self.name != "none"
 
+    @property
+    def label_name(self) -> str:
+        """The method as variant labels and the report name it (e.g. ``llmc-gptq``)."""
+        return self.name
+
 
 @dataclass
 class NoneConfig(MethodConfig):
@@ -76,13 +81,16 @@ class RTNConfig(MethodConfig):
 
 @dataclass
 class GPTQConfig(MethodConfig):
-    """GPTQ (Frantar et al. 2022); defaults follow the IST-DASLab reference."""
+    """GPTQ (Frantar et al. 2022, the IST-DASLab reference); defaults are llm-compressor's (actorder=static)."""
 
     name: str = "gptq"
     damp: float = 0.01  # dampening, as a fraction of the Hessian's mean diagonal
     block_size: int = 128  # columns per lazy batch update
-    act_order: bool = False  # quantise columns in order of descending Hessian diagonal
-    static_groups: bool = False  # with act_order: group scales fixed from the original column order
+    # quantise columns in order of descending Hessian diagonal, with each group's scale and zero fixed from
+    # the original weights (static groups keep contiguous groups, so the variant still exports); what
+    # llm-compressor deploys. act_order=false static_groups=false is the reference's plain order.
+    act_order: bool = True
+    static_groups: bool = True
     max_damp: float = 1.0  # give up (error naming the layer) when damping would exceed this
 
     def __post_init__(self) -> None:
@@ -110,6 +118,28 @@ class AWQConfig(MethodConfig):
         _check(0 < self.max_shrink < 1, f"method.max_shrink={self.max_shrink}: must be in (0, 1)")
         _check(self.clip_grid > 0, f"method.clip_grid={self.clip_grid}: must be positive")
         _check(self.search_tokens > 0, f"method.search_tokens={self.search_tokens}: must be positive")
+
+
+@dataclass
+class LLMCompressorConfig(MethodConfig):
+    """llm-compressor's own GPTQ / RTN / AWQ, run in its venv (``quanteval.methods.llmcompressor``)."""
+
+    name: str = "llmcompressor"
+    modifier: str = "gptq"  # gptq (GPTQModifier) | rtn (QuantizationModifier) | awq (AWQModifier: needs a GPU)
+    actorder: str = "static"  # gptq: static (llm-compressor's default) | group | none
+    dampening_frac: float = 0.01  # gptq
+    block_size: int = 128  # gptq
+
+    def __post_init__(self) -> None:
+        _check(self.modifier in ("gptq", "rtn", "awq"), f"method.modifier={self.modifier!r}: must be gptq, rtn or awq")
+        _check(self.actorder in ("static", "group", "none"),
+               f"method.actorder={self.actorder!r}: must be static, group or none")
+        _check(0 < self.dampening_frac < 1, f"method.dampening_frac={self.dampening_frac}: must be in (0, 1)")
+        _check(self.block_size > 0, f"method.block_size={self.block_size}: must be positive")
+
+    @property
+    def label_name(self) -> str:
+        return f"llmc-{self.modifier}"
 
 
 @dataclass
@@ -214,13 +244,17 @@ class PresetConfig:
 class CalibrationConfig:
     """Calibration data for methods that need it; sizes come from the preset."""
 
-    dataset: str = "wikitext2"  # wikitext2 (valid split) | gsm8k (train split); or set path
+    # mix: WikiText-2 valid plus GSM8K train conversations in the model's own chat template (see
+    # quanteval.calibration); wikitext2 (valid split) | gsm8k (train split); or set path
+    dataset: str = "mix"
+    chat_share: float = 0.5  # mix: the share of calibration sequences cut from the chat-formatted text
     path: Optional[str] = None  # a user's .jsonl ('text' field) or .txt file; overrides dataset
     batch_size: int = 8  # sequences per forward chunk during capture and block passes
 
     def __post_init__(self) -> None:
-        _check(self.path is not None or self.dataset in ("wikitext2", "gsm8k"),
-               f"calibration.dataset={self.dataset!r}: choose wikitext2 or gsm8k, or set calibration.path")
+        _check(self.path is not None or self.dataset in ("mix", "wikitext2", "gsm8k"),
+               f"calibration.dataset={self.dataset!r}: choose mix, wikitext2 or gsm8k, or set calibration.path")
+        _check(0 < self.chat_share < 1, f"calibration.chat_share={self.chat_share}: must be in (0, 1)")
         _check(self.batch_size > 0, f"calibration.batch_size={self.batch_size}: must be positive")
 
 

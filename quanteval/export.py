@@ -115,7 +115,7 @@ def cached_result(run_file: Path, record: dict):
     if path.exists():
         return QuantResult.load(path)
     v = record["variant"]
-    if METHODS[v["method"]].needs_calibration:
+    if METHODS[record["settings"]["method"]["name"]].needs_calibration:
         raise ExportError(f"{v['label']}: cached result {path} is missing; rerun the sweep to recreate it")
     return None
 
@@ -127,7 +127,7 @@ def recompute_result(record: dict, model):
 
     v = record["variant"]
     spec = QuantSpec(v["bits"], v["group_size"], v["sym"], record["settings"].get("quantize_embeddings", False))
-    return METHODS[v["method"]].compute(model, adapter_for(model), spec, None, None)
+    return METHODS[record["settings"]["method"]["name"]].compute(model, adapter_for(model), spec, None, None)
 
 
 def load_run_model(record: dict):

@@ -186,10 +186,12 @@ class TaskMeta:
     charts: tuple[dict, ...] = ()
     primary: Optional[str] = None
     binary: Optional[bool] = None
+    calibration_domain: tuple[str, ...] = ()  # calibration sets that are in-domain for the task
 
     @classmethod
     def from_dict(cls, d: Optional[dict]) -> "TaskMeta":
         meta = _section(cls, d, "task_meta")
+        meta = replace(meta, calibration_domain=tuple(meta.calibration_domain or ()))
         if not isinstance(meta.charts, (list, tuple)) or not all(isinstance(h, dict) for h in meta.charts):
             raise ValueError(f"task_meta.charts={meta.charts!r}: must be a list of hint mappings")
         return replace(meta, charts=tuple(meta.charts))

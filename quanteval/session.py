@@ -93,17 +93,24 @@ class Session:
 
     def calibration(self, variant, loaded, data_root: Path, adapter):
         """First-block inputs of ``variant``'s calibration set, captured once per model and settings."""
-        from quanteval.calibration import calibration_file, calibration_ids, capture_inputs
+        from quanteval.calibration import capture_inputs
 
-        c = variant.calibration
         key = variant.calibration_key()
         if self._calib is None or self._calib[0] != key:
             self._calib = None
-            file = calibration_file(c.dataset, c.path, data_root)
-            ids = calibration_ids(loaded.tokenizer, file, c.n_samples, c.seq_len, c.seed)
-            log.info("capturing first-block inputs: %d x %d tokens from %s", *ids.shape, file.name)
-            self._calib = (key, capture_inputs(loaded.model, adapter, ids, c.batch_size))
+            ids = self.calibration_ids(variant, loaded, data_root)
+            self._calib = (key, capture_inputs(loaded.model, adapter, ids, variant.calibration.batch_size))
         return self._calib[1]
+
+    def calibration_ids(self, variant, loaded, data_root: Path):
+        """``variant``'s calibration token ids, (n_samples, seq_len): the same for every method."""
+        from quanteval.calibration import calibration_token_ids
+
+        c = variant.calibration
+        ids = calibration_token_ids(c, loaded.tokenizer, data_root, variant.model.prompt_format)
+        log.info("calibration: %d x %d tokens (%s)", *ids.shape,
+                 "mix, chat share %g" % c.chat_share if c.is_mix else (c.path or c.dataset))
+        return ids
 
 
 def _rebuild(model, base_state: dict):

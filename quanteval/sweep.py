@@ -35,7 +35,7 @@ from quanteval.accounting import compression
 from quanteval.config import RunConfig, WikiText2Config
 from quanteval.data import resolve_data_dir
 from quanteval.evaluate import Task, TaskContext, TaskResult, task_for
-from quanteval.methods import METHODS, QuantResult, QuantSpec, apply_result
+from quanteval.methods import METHODS, CalibrationIds, QuantResult, QuantSpec, apply_result
 from quanteval.models import adapter_for
 from quanteval.session import Session
 from quanteval.variant import Run
@@ -56,8 +56,12 @@ def quantize(run: Run, ctx: TaskContext) -> QuantResult:
         method = METHODS[variant.method.name]
         model = ctx.loaded.model
         adapter = adapter_for(model)
-        calib = (ctx.session.calibration(variant, ctx.loaded, ctx.data_root, adapter)
-                 if method.needs_calibration else None)
+        calib = None
+        if method.calibration == "inputs":
+            calib = ctx.session.calibration(variant, ctx.loaded, ctx.data_root, adapter)
+        elif method.calibration == "ids":
+            calib = CalibrationIds(ctx.session.calibration_ids(variant, ctx.loaded, ctx.data_root),
+                                   ctx.loaded.tokenizer)
         spec = QuantSpec(variant.bits, variant.group_size, variant.sym, variant.quantize_embeddings)
         torch.manual_seed(variant.seed)
         result = method.compute(model, adapter, spec, variant.method, calib)

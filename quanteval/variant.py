@@ -50,10 +50,18 @@ class Calibration:
     n_samples: int
     seq_len: int
     batch_size: int  # sequences per forward chunk: changes speed, not the result (not keyed)
+    chat_share: float = 0.5  # dataset=mix: share of sequences from the chat-formatted text
+
+    @property
+    def is_mix(self) -> bool:
+        return self.path is None and self.dataset == "mix"
 
     def settings(self) -> dict:
-        return {"dataset": self.dataset, "path": self.path, "seed": self.seed,
-                "n_samples": self.n_samples, "seq_len": self.seq_len}
+        s = {"dataset": self.dataset, "path": self.path, "seed": self.seed,
+             "n_samples": self.n_samples, "seq_len": self.seq_len}
+        if self.is_mix:  # only then: wikitext2 / gsm8k / path keys stay those of 0.2.0
+            s["chat_share"] = self.chat_share
+        return s
 
 
 @dataclass(frozen=True)
@@ -81,7 +89,8 @@ class Variant:
         calib = None
         if method is not None and method.needs_calibration:
             c, p = cfg.calibration, cfg.preset
-            calib = Calibration(c.dataset, c.path, cfg.seed, p.calib_samples, p.calib_seq_len, c.batch_size)
+            calib = Calibration(c.dataset, c.path, cfg.seed, p.calib_samples, p.calib_seq_len, c.batch_size,
+                                c.chat_share)
         return cls(cfg.model, cfg.dtype, cfg.device, cfg.method, cfg.bits, cfg.group_size, cfg.sym,
                    cfg.quantize_embeddings, cfg.seed, calib, cfg.runtime, cfg.kernel)
 
@@ -94,13 +103,13 @@ class Variant:
         """``baseline``, or e.g. ``gptq w4 g64`` (`` sym`` appended when symmetric)."""
         if not self.quantizes:
             return "baseline"
-        return f"{self.method.name} w{self.bits} g{self.group_size}" + (" sym" if self.sym else "")
+        return f"{self.method.label_name} w{self.bits} g{self.group_size}" + (" sym" if self.sym else "")
 
     def info(self) -> dict:
         """The variant as run files record it; the baseline carries no bits/group/sym."""
         if not self.quantizes:
             return {"method": "none", "bits": None, "group_size": None, "sym": None, "label": "baseline"}
-        return {"method": self.method.name, "bits": self.bits, "group_size": self.group_size,
+        return {"method": self.method.label_name, "bits": self.bits, "group_size": self.group_size,
                 "sym": self.sym, "label": self.label}
 
     def model_settings(self) -> dict:

@@ -24,6 +24,7 @@ the task is in the YAML's ``metadata.quanteval`` block (lm-eval ignores it), rea
           options: [seed, k_min, k_max]        # metadata keys exposed as task.options (their defaults)
           presets: {smoke: {limit: 2, max_new_tokens: 32}, default: {...}, full: {...}}
           charts: [{by_tag: k}, {kl_by_position: true}]   # extra report charts
+          calibration_domain: [gsm8k]  # calibrating on these sets is in-domain for this task (report marks it)
 
 >>> table = task_table()
 >>> table["gsm8k"].kind, table["gsm8k"].sizes("default")
@@ -62,6 +63,7 @@ class TaskInfo:
     options: dict[str, Any] = field(default_factory=dict)  # task.options defaults
     presets: dict[str, dict[str, int]] = field(default_factory=dict)  # preset -> {limit, max_new_tokens}
     charts: tuple[dict, ...] = ()
+    calibration_domain: tuple[str, ...] = ()  # calibration sets that are this task's own domain
 
     def sizes(self, preset: str) -> tuple[Optional[int], Optional[int]]:
         """(items, token cap) for a preset name; a preset the task does not list takes its ``default``."""
@@ -71,7 +73,7 @@ class TaskInfo:
     def to_json(self) -> dict:
         """What a run record keeps of its task (so a report needs no task files)."""
         return {"kind": self.kind, "licence": self.licence, "charts": list(self.charts),
-                "primary": self.primary, "binary": self.binary}
+                "primary": self.primary, "binary": self.binary, "calibration_domain": list(self.calibration_domain)}
 
 
 def task_dirs() -> list[Path]:
@@ -139,7 +141,8 @@ def read_info(path: Path) -> TaskInfo:
         kind=kind, licence=str(s.get("licence", q.get("licence", ""))),  # dialogsum's licence predates `sweep`
         limit_per=(lp["tag"], lp["option"]) if lp else None,
         options={o: meta[o] for o in s.get("options") or []},
-        presets={k: dict(v or {}) for k, v in presets.items()}, charts=tuple(s.get("charts") or ()))
+        presets={k: dict(v or {}) for k, v in presets.items()}, charts=tuple(s.get("charts") or ()),
+        calibration_domain=tuple(s.get("calibration_domain") or ()))
 
 
 @lru_cache(maxsize=8)

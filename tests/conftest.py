@@ -20,7 +20,8 @@ WORDS = ("the a of to and in is was for on that with as by at from his her it he
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<s>assistant:{% endif %}")
 SHARED_DATA = REPO.parent / "shared" / "data"
-GENERATIVE_FILES = ("gsm8k/test.jsonl", "dialogsum/test.jsonl", "ifeval/input_data.jsonl", "mt_bench/question.jsonl")
+GENERATIVE_FILES = ("gsm8k/test.jsonl", "dialogsum/test.jsonl", "ifeval/input_data.jsonl", "mt_bench/question.jsonl",
+                    "gsm8k/train.jsonl")  # train: the chat half of the default calibration mix
 
 
 def synthetic_text(n_lines: int, seed: int) -> str:

@@ -83,3 +83,81 @@ def test_short_calibration_fails_that_run_only(tiny_model, tiny_data, tmp_path):
     assert df.loc["rtn", "status"] == "ok"  # the completed run is kept
     assert df.loc["gptq", "status"] == "failed" and "too short for calibration" in df.loc["gptq", "error"]
     assert "1 run(s) failed: wikitext2 gptq w4 g64 (" in proc.stderr
+
+
+# --------------------------------------------------------------------------- the default mix
+
+
+class ChatTok(CharTok):
+    """CharTok with a chat template that marks each turn."""
+
+    chat_template = "x"
+
+    def apply_chat_template(self, messages, tokenize=False):
+        return "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages)
+
+
+def _mix_data(tmp_path):
+    import json
+
+    root = tmp_path / "data"
+    (root / "wikitext2").mkdir(parents=True)
+    (root / "wikitext2" / "valid.txt").write_text("encyclopaedia text about rivers and kings. " * 300)
+    (root / "gsm8k").mkdir()
+    rows = [{"question": f"Tom has {i} apples and buys {i + 1} more. How many now?",
+             "answer": f"He has {i} + {i + 1} = <<{i}+{i + 1}={2 * i + 1}>>{2 * i + 1}.\n#### {2 * i + 1}"}
+            for i in range(60)]
+    (root / "gsm8k" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def _decode(row) -> str:
+    return "".join(chr(int(i)) for i in row)
+
+
+def test_mix_holds_both_kinds_in_the_share_and_in_the_models_template(tmp_path):
+    from quanteval.calibration import mix_ids
+
+    root = _mix_data(tmp_path)
+    ids = mix_ids(ChatTok(), root, 8, 64, seed=0, chat_share=0.25, prompt_format="chat")
+    assert ids.shape == (8, 64) and ids.dtype == torch.long
+    texts = [_decode(r) for r in ids]
+    chat = [t for t in texts if "apples" in t or "<user>" in t or "<assistant>" in t or "####" in t]
+    assert len(chat) == 2 and len(texts) - len(chat) == 6  # 0.25 of 8 sequences are chat-formatted
+    assert all("<<" not in t for t in chat)  # calculator annotations stripped
+    assert torch.equal(ids, mix_ids(ChatTok(), root, 8, 64, seed=0, chat_share=0.25, prompt_format="chat"))
+    plain = [_decode(r) for r in mix_ids(ChatTok(), root, 8, 64, seed=0, chat_share=0.5, prompt_format="plain")]
+    assert not any("<user>" in t for t in plain) and any("Answer: " in t or "Question: " in t for t in plain)
+
+
+def test_the_mix_is_interleaved_so_the_first_sequences_see_both(tmp_path):
+    from quanteval.calibration import mix_ids
+
+    root = _mix_data(tmp_path)
+    kinds = ["chat" if ("apples" in _decode(r) or "<" in _decode(r)) else "text"
+             for r in mix_ids(ChatTok(), root, 16, 48, seed=3, chat_share=0.5, prompt_format="chat")]
+    assert kinds.count("chat") == 8 and kinds != sorted(kinds) and kinds != sorted(kinds, reverse=True)
+
+
+def test_a_calibration_set_holding_a_test_item_fails_in_one_line(tiny_model, tiny_data, tmp_path, monkeypatch,
+                                                               capsys):
+    import shutil
+    import sys
+
+    from quanteval import cli
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    test_row = (data / "gsm8k" / "test.jsonl").read_text().splitlines()[3]
+    with open(data / "gsm8k" / "train.jsonl", "a") as f:
+        f.write(test_row + "\n")  # a GSM8K test item slipped into the train file
+    cli._task_data_files.cache_clear()
+    monkeypatch.setattr(sys, "argv", ["quanteval", "model=hf", f"model.name_or_path={tiny_model}",
+                                      f"data_dir={data}", f"results_dir={tmp_path / 'r'}", "preset=smoke",
+                                      "method=gptq", "bits=4", "task=wikitext2"])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert e.value.code == 2 and len(lines) == 1, lines
+    assert "calibration.dataset=mix" in lines[0] and "task gsm8k evaluates" in lines[0] and "line 4" in lines[0]
+    assert not (tmp_path / "r").exists()

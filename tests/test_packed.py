@@ -52,7 +52,7 @@ def quantize(model, kind: str):
     if kind == "rtn8_partial_groups":  # 64 = 48 + 16, 128 = 2 x 48 + 32
         return rtn_model(m, adapter, QuantSpec(8, 48, False))
     if kind == "gptq3_act_order":
-        return gptq_model(m, adapter, QuantSpec(3, 32, False), GPTQConfig(act_order=True), _calib(m))
+        return gptq_model(m, adapter, QuantSpec(3, 32, False), GPTQConfig(act_order=True, static_groups=False), _calib(m))
     if kind == "awq4_folds":
         return awq_model(m, adapter, QuantSpec(4, 32, False), AWQConfig(n_grid=4, clip_grid=4), _calib(m))
     raise KeyError(kind)

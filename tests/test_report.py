@@ -329,3 +329,30 @@ def test_report_never_imports_torch(sweep, tmp_path):
             f"quanteval.report.build({str(sweep)!r}, {str(tmp_path / 'r')!r}); assert 'torch' not in sys.modules; "
             "from quanteval.cli import report_main; assert 'torch' not in sys.modules")  # its console script too
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+
+
+def test_math_cells_of_a_variant_calibrated_on_gsm8k_train_are_marked_in_domain(tmp_path):
+    from quanteval.report.cells import in_domain_calibration
+    from quanteval.results import RunRecord
+
+    def rec(task, calibration):
+        d = _base("k", task, "gptq", 4)
+        if calibration is not None:
+            d["settings"]["calibration"] = calibration
+        return RunRecord.from_dict(d)
+
+    mix = {"dataset": "mix", "path": None, "chat_share": 0.5}
+    assert in_domain_calibration(rec("gsm8k", mix)) == "gsm8k"
+    assert in_domain_calibration(rec("arith_chain", {"dataset": "gsm8k", "path": None})) == "gsm8k"
+    assert in_domain_calibration(rec("ifeval", mix)) == ""  # not a math task
+    assert in_domain_calibration(rec("gsm8k", {"dataset": "wikitext2", "path": None})) == ""
+    assert in_domain_calibration(rec("gsm8k", None)) == ""  # RTN: no calibration
+    # and the matrix says so on the cell
+    sweep = tmp_path / "s"
+    base, items = _gsm8k("b", "none", None, BASE_OK, None, 0.0)
+    _write(sweep, base, items)
+    q, qitems = _gsm8k("q", "gptq", 4, BASE_OK, BASE_OK, 0.05)
+    q["settings"]["calibration"] = mix
+    _write(sweep, q, qitems)
+    html = build_report(sweep).read_text()
+    assert "calibrated in-domain (gsm8k train)" in html

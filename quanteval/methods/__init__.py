@@ -143,14 +143,28 @@ def rtn_model(model, adapter, spec: QuantSpec, method_cfg=None, calib=None) -> Q
 
 @dataclass(frozen=True)
 class Method:
-    """A registry entry: how to compute a result, and whether it needs calibration inputs.
+    """A registry entry: how to compute a result, and what calibration it is given.
 
-    Every result is cached on disk by the sweep (``quanteval.sweep.quantize``), so parallel jobs and
-    later sweeps share it.
+    ``calibration``: None, ``"inputs"`` (the first decoder block's inputs, ``BlockInputs``: quanteval's own
+    block-by-block methods) or ``"ids"`` (the calibration token ids, ``CalibrationIds``: a library that runs
+    the model itself). Every result is cached on disk by the sweep (``quanteval.sweep.quantize``), so
+    parallel jobs and later sweeps share it.
     """
 
     compute: Callable[..., QuantResult]
-    needs_calibration: bool = False
+    calibration: str | None = None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.calibration is not None
+
+
+@dataclass(frozen=True)
+class CalibrationIds:
+    """What an ``"ids"`` method is given: the calibration token ids (n, seq_len) and the model's tokenizer."""
+
+    ids: torch.Tensor
+    tokenizer: object
 
 
 def _lazy(module: str, fn: str) -> Callable[..., QuantResult]:
@@ -165,6 +179,8 @@ def _lazy(module: str, fn: str) -> Callable[..., QuantResult]:
 METHODS: dict[str, Method | None] = {
     "none": None,  # the baseline: nothing to compute
     "rtn": Method(rtn_model),
-    "gptq": Method(_lazy("quanteval.methods.gptq", "gptq_model"), needs_calibration=True),
-    "awq": Method(_lazy("quanteval.methods.awq", "awq_model"), needs_calibration=True),
+    "gptq": Method(_lazy("quanteval.methods.gptq", "gptq_model"), calibration="inputs"),
+    "awq": Method(_lazy("quanteval.methods.awq", "awq_model"), calibration="inputs"),
+    # llm-compressor's own GPTQ / RTN / AWQ, in its venv (quanteval/methods/llmcompressor.py)
+    "llmcompressor": Method(_lazy("quanteval.methods.llmcompressor", "llmcompressor_model"), calibration="ids"),
 }

@@ -82,6 +82,7 @@ class Cell:
     flips: Optional[dict] = None  # {"lost", "gained", "rate", "mcnemar_p"}
     fidelity: Optional[float] = None  # teacher-forced KL beside a quality cell
     group: str = ""  # evaluation-settings signature
+    in_domain: str = ""  # the calibration set, when the variant was calibrated on this task's own domain
 
     def to_json(self) -> dict:
         """The cell as verdicts.json holds it; ``metric`` is left out (the row names it; 0.2.0's shape)."""
@@ -254,8 +255,21 @@ def _task_cells(model: str, task: str, members: list[RunData], t: Thresholds, si
             cell = Cell(model=model, row=row + suffix, metric=metric, task=task, kind=kind, decides=decides,
                         group=sig, **_variant(r.rec))
             _fill(cell, r, base, t)
+            cell.in_domain = in_domain_calibration(r.rec)
             cells.append(cell)
     return cells
+
+
+def in_domain_calibration(rec: RunRecord) -> str:
+    """The calibration set a variant saw that is its task's own domain ("" when none): calibration.dataset
+    gsm8k, or the default mix (half GSM8K train), is in-domain for the math tasks, whose scores then
+    flatter a calibrated method against RTN."""
+    calib = rec.settings.get("calibration") or {}
+    if calib.get("path"):
+        return ""
+    seen = {"mix": ("gsm8k",), "gsm8k": ("gsm8k",)}.get(calib.get("dataset"), ())
+    domain = set(task_meta(rec).calibration_domain)
+    return ", ".join(s for s in seen if s in domain)
 
 
 def _rows(task: str, rec: RunRecord, base: Optional[RunRecord]) -> list[tuple[str, str, str, bool]]:

@@ -166,6 +166,8 @@ def _matrix(model: str, cells: list[Cell], pages: dict) -> str:
             text = cell_text(c)
             if href and c.kind == "quality":
                 text += f'<br><a href="{esc(href, quote=True)}">items</a>'
+            if c.in_domain:
+                text += f'<br><small class="indomain">calibrated in-domain ({esc(c.in_domain)} train)</small>'
             title = esc(c.note, quote=True)
             tds.append(f'<td class="cell v-{_cls(c.verdict)}" title="{title}" '
                        f'data-verdict="{esc(c.verdict, quote=True)}">{text}</td>')
@@ -202,7 +204,9 @@ def _legend(t: Thresholds) -> str:
         "(<span class='chip v-survivesq'>survives?</span>) means its CI straddles a threshold. "
         f"“baseline at floor”: the baseline scores within {t.floor:g} of chance, so a ratio means nothing; the cell "
         "shows the absolute score and flips and takes its label from the task's teacher-forced KL. "
-        "Flips: −items the variant lost / +items it gained against the baseline.</p>"
+        "Flips: −items the variant lost / +items it gained against the baseline. “Calibrated in-domain”: the "
+        "variant's calibration set held text of this task's domain (GSM8K train, in the default mix), so a "
+        "calibrated method's lead over RTN there is not evidence that it generalises.</p>"
     )
 
 
