@@ -140,12 +140,11 @@ def llmcompressor_model(model, adapter, spec: QuantSpec, method_cfg, calib: Cali
     return QuantResult(layers=layers, info=info)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m quanteval.methods.llmcompressor --setup
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if sys.argv[1:] != ["--setup"]:
-        print(f"usage: {SETUP}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(f"usage: {SETUP}")
     try:
-        print(f"llm-compressor's venv is ready: {setup()}")
+        log.info("llm-compressor's venv is ready: %s", setup())
     except LLMCompressorError as e:
-        print(f"quanteval: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(f"quanteval: error: {e}")

@@ -92,9 +92,8 @@ def main(job_file: str) -> None:
 if __name__ == "__main__":
     try:
         main(sys.argv[1])
-    except Exception as e:  # noqa: BLE001 - the parent reads the last line
+    except Exception as e:  # noqa: BLE001 - the parent reads stderr's last line
         import traceback
 
         traceback.print_exc()
-        print(f"{type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(f"{type(e).__name__}: {' '.join(str(e).split())}")  # to stderr, exit code 1
