@@ -212,7 +212,8 @@ def _check_inputs(cfg: C.RunConfig) -> None:
         from quanteval.methods import METHODS
 
         if cfg.method.quantizes and METHODS[cfg.method.name].needs_calibration:
-            _check_calibration(cfg.calibration, root)
+            c = cfg.calibration
+            _check_calibration(c.dataset, c.path, root)
         if cfg.method.name == "llmcompressor":
             _check_llmcompressor(cfg)
         if cfg.task.kind == "generative":
@@ -236,20 +237,22 @@ def _check_inputs(cfg: C.RunConfig) -> None:
         raise UsageError(str(e)) from None
 
 
-def _check_calibration(c: C.CalibrationConfig, root: Path) -> None:
-    """The calibration files parse, and hold no item that a task evaluates (ValueError naming the task)."""
+@lru_cache(maxsize=None)
+def _check_calibration(dataset: str, path: str | None, root: Path) -> None:
+    """The calibration files parse, and hold no item that a task evaluates (ValueError naming the task);
+    once per calibration set, not once per job."""
     from quanteval.calibration import MIX, calibration_file, leaked_item, read_text
 
-    if c.path is not None and Path(c.path).is_dir():
-        raise ValueError(f"calibration.path={c.path}: is a folder; give a .jsonl or .txt file")
-    names = MIX if (c.path is None and c.dataset == "mix") else (c.dataset,)
-    files = [calibration_file(n, c.path, root) for n in names]
+    if path is not None and Path(path).is_dir():
+        raise ValueError(f"calibration.path={path}: is a folder; give a .jsonl or .txt file")
+    names = MIX if (path is None and dataset == "mix") else (dataset,)
+    files = [calibration_file(n, path, root) for n in names]
     for f in files:
         read_text(f)  # empty / malformed: one line, now
         leak = leaked_item(f, _task_data_files(root))
         if leak:
             task, data, line, cline = leak
-            what = f"calibration.path={c.path}" if c.path else f"calibration.dataset={c.dataset}"
+            what = f"calibration.path={path}" if path else f"calibration.dataset={dataset}"
             raise ValueError(f"{what}: {f.name} line {cline} is an item that task {task} evaluates ({data} line "
                              f"{line}); calibrating on test items inflates its scores: remove it or calibrate on "
                              f"other text")

@@ -152,6 +152,7 @@ def test_a_calibration_set_holding_a_test_item_fails_in_one_line(tiny_model, tin
     with open(data / "gsm8k" / "train.jsonl", "a") as f:
         f.write(test_row + "\n")  # a GSM8K test item slipped into the train file
     cli._task_data_files.cache_clear()
+    cli._check_calibration.cache_clear()
     monkeypatch.setattr(sys, "argv", ["quanteval", "model=hf", f"model.name_or_path={tiny_model}",
                                       f"data_dir={data}", f"results_dir={tmp_path / 'r'}", "preset=smoke",
                                       "method=gptq", "bits=4", "task=wikitext2"])
