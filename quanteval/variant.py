@@ -137,7 +137,7 @@ class Variant:
         return quant_key_of(self.settings())
 
     def quant_path(self, cache_dir: Path) -> Path:
-        """Where this variant's quantisation result is cached (None-safe: the baseline has none)."""
+        """Where this variant's quantisation result is cached (``Run.quant_path`` is None for the baseline)."""
         return Path(cache_dir) / "quant" / f"{self.method.name}-{self.quant_key}.pt"
 
     def calibration_key(self) -> str:
