@@ -44,6 +44,10 @@ def _register() -> None:
     cs.store(group="method", name="base_gptq", node=C.GPTQConfig)
     cs.store(group="method", name="base_awq", node=C.AWQConfig)
     cs.store(group="method", name="base_llmcompressor", node=C.LLMCompressorConfig)
+    cs.store(group="method", name="base_bnb", node=C.BnbConfig)
+    cs.store(group="method", name="base_gguf", node=C.GGUFConfig)
+    cs.store(group="method", name="base_hqq", node=C.HQQConfig)
+    cs.store(group="method", name="base_autoround", node=C.AutoRoundConfig)
     cs.store(group="task", name="base_wikitext2", node=C.WikiText2Config)
     cs.store(group="task", name="base_generative", node=C.GenerativeTaskConfig)
     cs.store(group="task", name="base_lmeval", node=C.LMEvalTaskConfig)
@@ -164,6 +168,8 @@ def expand_grid(overrides: list[str]) -> tuple[list[list[str]], list[C.RunConfig
         results_dir = str(master.results_dir)
         user_bits = any(o.key_or_group == "bits" for o in parsed_cli)
         to_run, cfgs = set(), []
+        no_type: dict[str, str] = {}  # typed method -> why a cell of it has no type (bnb at 3 bits)
+        typed: set[str] = set()  # typed methods with at least one cell to run
         for job in jobs:
             try:
                 job_cfg = compose("config", overrides=list(job))
@@ -174,9 +180,17 @@ def expand_grid(overrides: list[str]) -> tuple[list[list[str]], list[C.RunConfig
             run_cfg.use_preset_grid = not user_bits
             cfgs.append(run_cfg)
             run = Run.of(run_cfg)
+            if run.variant.no_format is not None:
+                no_type.setdefault(run_cfg.method.name, run.variant.no_format)
+            elif run.variant.format is not None:
+                typed.add(run_cfg.method.name)
             if run.preset_skip() is None:
                 to_run.add(run.key)  # the baseline's key ignores bits: counted once
     GlobalHydra.instance().clear()
+    for name, why in no_type.items():
+        if name not in typed:  # nothing of this method would run: the request itself is wrong
+            raise UsageError(why)
+        log.info("cells without a type are skipped: %s", why)
     return jobs, cfgs, len(to_run), results_dir
 
 
@@ -216,6 +230,14 @@ def _check_inputs(cfg: C.RunConfig) -> None:
             _check_calibration(c.dataset, c.path, root)
         if cfg.method.name == "llmcompressor":
             _check_llmcompressor(cfg)
+        method = METHODS[cfg.method.name]
+        if method is not None:
+            missing = method.missing_library()
+            if missing:
+                raise ValueError(f"method={cfg.method.name}: {missing}")
+            if cfg.runtime == "packed" and not method.affine:
+                raise ValueError(f"runtime=packed: method={cfg.method.name} makes a non-affine result (a library "
+                                 f"format), which packed integer kernels cannot hold; use runtime=fakequant")
         if cfg.task.kind == "generative":
             from quanteval.evaluate import task_for
 

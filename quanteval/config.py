@@ -64,6 +64,11 @@ class MethodConfig:
         """The method as variant labels and the report name it (e.g. ``llmc-gptq``)."""
         return self.name
 
+    # whether the run's group_size / sym change this method's result; when not, they are left out of
+    # the variant's key and label (bnb and gguf have the format's own blocks; hqq has float zeros)
+    uses_group_size = True
+    uses_sym = True
+
 
 @dataclass
 class NoneConfig(MethodConfig):
@@ -142,6 +147,94 @@ class LLMCompressorConfig(MethodConfig):
         return f"llmc-{self.modifier}"
 
 
+def _check_type(method: str, type_: Optional[str]) -> None:
+    from quanteval.formats import FORMATS
+
+    f = FORMATS[method]
+    _check(type_ is None or type_ in f.types,
+           f"method.type={type_!r}: method={method} has no such type ({f.supported()})")
+
+
+@dataclass
+class BnbConfig(MethodConfig):
+    """bitsandbytes' formats (``quanteval.methods.bnb``): NF4/FP4 weights, or LLM.int8 modules.
+
+    Defaults are transformers' ``BitsAndBytesConfig`` (``load_in_4bit`` / ``load_in_8bit``)."""
+
+    name: str = "bnb"
+    type: Optional[str] = None  # nf4 | fp4 | int8; default: from bits (4 -> nf4, 8 -> int8; quanteval.formats)
+    blocksize: int = 64  # nf4/fp4: weights per absmax block (transformers' default)
+    double_quant: bool = False  # nf4/fp4: quantise the absmax values too (QLoRA's bnb_4bit_use_double_quant)
+    threshold: float = 6.0  # int8: activation magnitude above which a column runs in float (LLM.int8's)
+
+    def __post_init__(self) -> None:
+        _check_type("bnb", self.type)
+        _check(self.blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096),
+               f"method.blocksize={self.blocksize}: bitsandbytes takes 32, 64, ..., 4096")
+        _check(self.threshold >= 0, f"method.threshold={self.threshold}: must be >= 0")
+
+    uses_group_size = False  # the format's own blocks
+    uses_sym = False
+
+
+@dataclass
+class GGUFConfig(MethodConfig):
+    """llama.cpp's GGUF block formats through the ``gguf`` package's own quantisers (``quanteval.methods.gguf``)."""
+
+    name: str = "gguf"
+    type: Optional[str] = None  # Q8_0 | Q5_1 | Q5_0 | Q4_1 | Q4_0 | MXFP4; default: from bits (8/5/4)
+
+    def __post_init__(self) -> None:
+        _check_type("gguf", self.type)
+
+    uses_group_size = False  # blocks of 32 are the format's
+    uses_sym = False
+
+
+@dataclass
+class HQQConfig(MethodConfig):
+    """Half-Quadratic Quantization (Badri & Shaji 2023) through the ``hqq`` library; no calibration.
+
+    Defaults are hqq's (``BaseQuantizeConfig``, ``optimize_weights_proximal``)."""
+
+    name: str = "hqq"
+    axis: int = 1  # grouping axis: 1 groups along the input (as every other method here); 0 along the output
+    optimize: bool = True  # run HQQ's proximal solver for the zero point (false: plain min/max)
+    lp_norm: float = 0.7  # the solver's l_p error norm (p < 1 is what makes it robust to outliers)
+    beta: float = 10.0  # the solver's initial penalty
+    kappa: float = 1.01  # the penalty's growth per iteration
+    iters: int = 20  # solver iterations
+
+    def __post_init__(self) -> None:
+        _check(self.axis in (0, 1), f"method.axis={self.axis}: must be 0 or 1")
+        _check(0 < self.lp_norm <= 2, f"method.lp_norm={self.lp_norm}: must be in (0, 2]")
+        _check(self.beta > 0 and self.kappa > 1, f"method.beta={self.beta}, method.kappa={self.kappa}: "
+                                                 f"beta must be positive and kappa > 1")
+        _check(self.iters > 0, f"method.iters={self.iters}: must be positive")
+
+    uses_sym = False  # a float zero per group
+
+
+@dataclass
+class AutoRoundConfig(MethodConfig):
+    """Intel's AutoRound (Cheng et al. 2023, ``auto-round``): signed-gradient rounding and min/max tuning,
+    block by block, on quanteval's calibration ids (``quanteval.methods.autoround``)."""
+
+    name: str = "autoround"
+    # tuning steps per block; default: the preset's (preset.autoround_iters: 200 is auto-round's own
+    # default and the full preset's; the CPU presets use far fewer and say so in the results)
+    iters: Optional[int] = None
+    lr: Optional[float] = None  # default: auto-round's (1 / iters)
+    enable_minmax_tuning: bool = True  # also tune the min/max scales (auto-round's default)
+    batch_size: int = 8  # calibration sequences per step (auto-round's default)
+
+    def __post_init__(self) -> None:
+        _check(self.iters is None or (isinstance(self.iters, int) and self.iters >= 0),
+               f"method.iters={self.iters}: must be a non-negative integer (0: auto-round's RTN mode)")
+        _check(self.lr is None or self.lr > 0, f"method.lr={self.lr}: must be positive")
+        _check(self.batch_size > 0, f"method.batch_size={self.batch_size}: must be positive")
+
+
 @dataclass
 class TaskConfig:
     """Base of every task's settings. ``kind`` picks the evaluator (``quanteval.evaluate.TASKS``)."""
@@ -213,6 +306,9 @@ class PresetConfig:
     seq_len: int = 512  # tokens per window
     calib_samples: int = 32  # calibration sequences (GPTQ/AWQ)
     calib_seq_len: int = 512  # tokens per calibration sequence
+    # method=autoround's tuning steps per block unless method.iters is set: 200 is auto-round's own
+    # default (preset full); the CPU presets take far fewer, which gets less of its gain over RTN
+    autoround_iters: int = 200
     # bits each method runs at in the default grid; unlisted methods run at every width.
     # Ignored when the command line sets `bits`.
     method_bits: dict[str, list[int]] = field(default_factory=dict)
@@ -230,6 +326,8 @@ class PresetConfig:
                 _check(isinstance(v, int) and v > 0, f"preset.{group}.{k}={v}: must be a positive integer")
         _check(self.gen_batch_size == "auto" or (self.gen_batch_size.isdigit() and int(self.gen_batch_size) > 0),
                f"preset.gen_batch_size={self.gen_batch_size}: must be 'auto' or a positive integer")
+        _check(isinstance(self.autoround_iters, int) and self.autoround_iters >= 0,
+               f"preset.autoround_iters={self.autoround_iters}: must be a non-negative integer")
         for k in ("n_windows", "seq_len", "calib_samples", "calib_seq_len"):
             v = getattr(self, k)
             _check(isinstance(v, int) and v > 0, f"preset.{k}={v}: must be a positive integer")

@@ -282,6 +282,13 @@ def export(run: str | Path, out_dir: str | Path, results_dir: str | Path = "resu
     v = record.get("variant") or {}
     if v.get("method") in (None, "none"):
         raise ExportError(f"{run_file.name} is a baseline run (method none): nothing is quantised to export")
+    from quanteval.methods import METHODS
+
+    name = ((record.get("settings") or {}).get("method") or {}).get("name", v.get("method"))
+    if METHODS.get(name) is not None and not METHODS[name].affine:
+        raise ExportError(f"{run_file.name}: method={name} makes a non-affine result ({v.get('label')}), which "
+                          f"compressed-tensors' integer format cannot hold; export takes affine methods "
+                          f"({', '.join(k for k, m in METHODS.items() if m is not None and m.affine)})")
     held = format_bits()
     if v["bits"] not in held:
         raise ExportError(f"bits={v['bits']}: compressed-tensors' pack-quantized format holds "

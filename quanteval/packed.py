@@ -87,6 +87,9 @@ def pack_model(model: nn.Module, result: QuantResult, backend: str = "auto") -> 
     the module docstring). Bit widths without a kernel (5-7) raise before the
     model is touched.
     """
+    if not result.affine:
+        raise ValueError(f"runtime=packed holds affine integer results only, not {', '.join(result.formats())}: "
+                         f"use runtime=fakequant")
     for lq in result.layers.values():
         check_bits(lq.bits)
     for f in result.folds:

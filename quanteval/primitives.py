@@ -23,12 +23,16 @@ Conventions, used by every method and by ``kernels/``:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
 __all__ = [
     "LayerQuant",
+    "FormatQuant",
+    "layer_from_dict",
+    "exact_float",
     "group_width",
     "group_index",
     "group_layout",
@@ -165,3 +169,73 @@ class LayerQuant:
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """``scale * (codes - zero)`` with broadcastable ``scale``/``zero``."""
     return scale * (codes - zero)
+
+
+@dataclass
+class FormatQuant:
+    """The quantisation of one linear layer in a format that is not ``scale * (code - zero)``.
+
+    NF4/FP4 codebooks with an fp32 absmax (and double quantisation), HQQ's float zeros, GGUF's Q4_1/Q5_1
+    fp16 minimum and MXFP4's shared exponents cannot be written as a ``LayerQuant``. A method that makes
+    one of them (``quanteval/methods/{bnb,hqq,gguf}.py``) runs the library's own quantiser *and its own
+    dequantiser*, and keeps:
+
+    - ``format``: the format as labels and results name it, e.g. ``"gguf Q4_1"``, ``"bnb nf4"``;
+    - ``weight``: the library's dequantised weight (out, in), held in the narrowest float dtype that
+      holds it exactly (``exact_float``), so applying it is bit for bit the library's dequantisation;
+    - ``storage_bits``: the exact bits the format stores for this layer (codes, scales, zeros, absmax,
+      code tables, ...), summed from the library's own tensors;
+    - ``detail``: small JSON facts (e.g. the type llama.cpp fell back to for this tensor);
+    - ``module``: None for weight fake-quant; else the name of a module the layer must *run as*
+      (``"bnb_int8"``: LLM.int8 picks outlier activation columns at every forward, which no weight can
+      express), built by ``quanteval.methods.REPLACEMENTS`` from ``tensors``.
+
+    >>> q = FormatQuant("demo", torch.ones(2, 4), storage_bits=40)
+    >>> q.shape, q.dequantize().dtype, q.bits_per_weight
+    ((2, 4), torch.float32, 5.0)
+    """
+
+    format: str
+    weight: torch.Tensor
+    storage_bits: int
+    detail: dict = field(default_factory=dict)
+    module: Optional[str] = None
+    tensors: dict = field(default_factory=dict)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight.to(dtype)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.storage_bits / self.weight.numel()
+
+    def to_dict(self) -> dict:
+        return {"format": self.format, "weight": self.weight, "storage_bits": int(self.storage_bits),
+                "detail": dict(self.detail), "module": self.module, "tensors": dict(self.tensors)}
+
+    def cpu(self) -> "FormatQuant":
+        return FormatQuant(self.format, self.weight.cpu(), self.storage_bits, dict(self.detail), self.module,
+                           {k: v.cpu() for k, v in self.tensors.items()})
+
+
+def layer_from_dict(d: dict) -> "LayerQuant | FormatQuant":
+    """The layer result a ``to_dict()`` wrote (a cached result): ``FormatQuant`` when it names a format."""
+    return FormatQuant(**d) if "format" in d else LayerQuant(**d)
+
+
+def exact_float(w: torch.Tensor) -> torch.Tensor:
+    """``w`` in the narrowest of bf16 / fp16 / fp32 that holds every value exactly (halves a cached
+    NF4 result against fp32, and never rounds anything).
+
+    >>> exact_float(torch.tensor([0.5, 1.0])).dtype, exact_float(torch.tensor([0.1])).dtype
+    (torch.bfloat16, torch.float32)
+    """
+    w32 = w.float()
+    for dtype in (torch.bfloat16, torch.float16):
+        if torch.equal(w32.to(dtype).float(), w32):
+            return w32.to(dtype)
+    return w32

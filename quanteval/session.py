@@ -77,17 +77,18 @@ class Session:
             loaded = load_model(variant.model, device, resolve_dtype(variant.dtype, device))
             base_state = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
             self._model = m = _Model(variant.model_key, loaded, base_state)
-        elif m.state == "packed":  # modules were swapped for QuantLinear: rebuild from the saved weights
+        elif m.state == "packed":  # modules were swapped (QuantLinear, Linear8bitLt): rebuild from the saved weights
             m.loaded = replace(m.loaded, model=_rebuild(m.loaded.model, m.base_state))
         elif m.state == "modified":
             m.loaded.model.load_state_dict(m.base_state)
         m.state = "clean"
         return m.loaded
 
-    def modified(self, packed: bool = False) -> None:
-        """The model in memory no longer holds the baseline weights (``packed``: its linears were swapped)."""
+    def modified(self, swapped: bool = False) -> None:
+        """The model in memory no longer holds the baseline weights (``swapped``: some of its linears were
+        replaced by other modules, packed ones or a library's, so it is rebuilt before the next variant)."""
         if self._model is not None:
-            self._model.state = "packed" if packed else "modified"
+            self._model.state = "packed" if swapped else "modified"
 
     # ------------------------------------------------------------------ calibration
 

@@ -232,7 +232,7 @@ def _compute(run: Run, session: Session) -> dict:
         if variant.quantizes:
             t0 = time.perf_counter()
             result = quantize(run, ctx)
-            session.modified(packed=variant.runtime == "packed")
+            session.modified(swapped=variant.runtime == "packed" or result.swaps_modules)
             if variant.runtime == "packed":
                 from quanteval.packed import pack_model
 

@@ -80,9 +80,14 @@ class Variant:
     calibration: Optional[Calibration]  # None unless the method calibrates
     runtime: str  # fakequant | packed
     kernel: str
+    # typed methods (bnb, gguf: quanteval.formats): the library type these bits mean ("Q4_1"), and why
+    # there is none when there is none (the run is then skipped with that reason)
+    format: Optional[str] = None
+    no_format: Optional[str] = None
 
     @classmethod
     def of(cls, cfg: RunConfig) -> "Variant":
+        from quanteval.formats import FORMATS, NoFormat, resolve
         from quanteval.methods import METHODS
 
         method = METHODS[cfg.method.name]
@@ -91,8 +96,16 @@ class Variant:
             c, p = cfg.calibration, cfg.preset
             calib = Calibration(c.dataset, c.path, cfg.seed, p.calib_samples, p.calib_seq_len, c.batch_size,
                                 c.chat_share)
-        return cls(cfg.model, cfg.dtype, cfg.device, cfg.method, cfg.bits, cfg.group_size, cfg.sym,
-                   cfg.quantize_embeddings, cfg.seed, calib, cfg.runtime, cfg.kernel)
+        method_cfg, bits, fmt, no_format = cfg.method, cfg.bits, None, None
+        if cfg.method.name in FORMATS:
+            try:
+                fmt, bits = resolve(cfg.method.name, cfg.bits, cfg.method.type)
+            except NoFormat as e:
+                no_format = str(e)
+        if getattr(method_cfg, "iters", 0) is None and hasattr(cfg.preset, "autoround_iters"):
+            method_cfg = dataclasses.replace(method_cfg, iters=cfg.preset.autoround_iters)  # the preset's
+        return cls(cfg.model, cfg.dtype, cfg.device, method_cfg, bits, cfg.group_size, cfg.sym,
+                   cfg.quantize_embeddings, cfg.seed, calib, cfg.runtime, cfg.kernel, fmt, no_format)
 
     @property
     def quantizes(self) -> bool:
@@ -103,14 +116,26 @@ class Variant:
         """``baseline``, or e.g. ``gptq w4 g64`` (`` sym`` appended when symmetric)."""
         if not self.quantizes:
             return "baseline"
-        return f"{self.method.label_name} w{self.bits} g{self.group_size}" + (" sym" if self.sym else "")
+        if self.format is not None:  # a library type names its own layout: "gguf Q4_1"
+            return f"{self.method.label_name} {self.format}"
+        if self.no_format is not None:
+            return f"{self.method.label_name} w{self.bits} (no type)"
+        label = f"{self.method.label_name} w{self.bits}"
+        if self.method.uses_group_size:
+            label += f" g{self.group_size}"
+        return label + (" sym" if self.sym and self.method.uses_sym else "")
 
     def info(self) -> dict:
-        """The variant as run files record it; the baseline carries no bits/group/sym."""
+        """The variant as run files record it; the baseline carries no bits/group/sym, and a method that
+        does not use group_size / sym (bnb, gguf, hqq's sym) carries None for them (so not in its key)."""
         if not self.quantizes:
             return {"method": "none", "bits": None, "group_size": None, "sym": None, "label": "baseline"}
-        return {"method": self.method.label_name, "bits": self.bits, "group_size": self.group_size,
-                "sym": self.sym, "label": self.label}
+        info = {"method": self.method.label_name, "bits": self.bits,
+                "group_size": self.group_size if self.method.uses_group_size else None,
+                "sym": self.sym if self.method.uses_sym else None, "label": self.label}
+        if self.format is not None:
+            info["format"] = self.format
+        return info
 
     def model_settings(self) -> dict:
         """What identifies the baseline weights in memory: the model, its dtype and device."""
@@ -214,6 +239,8 @@ class Run:
         CPU); ``use_preset_grid`` is turned off by the CLI when the user sets ``bits`` explicitly.
         """
         cfg = self.cfg
+        if self.variant.no_format is not None:  # bnb at 3 bits: skipped, never given another type
+            return self.variant.no_format
         allowed = cfg.preset.method_bits.get(cfg.method.name)
         if not cfg.use_preset_grid or allowed is None or cfg.bits in allowed:
             return None

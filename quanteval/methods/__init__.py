@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from quanteval.methods.rtn import rtn_layer
-from quanteval.primitives import LayerQuant
+from quanteval.primitives import FormatQuant, LayerQuant, layer_from_dict
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,14 @@ class Fold:
 
 @dataclass
 class QuantResult:
-    """A model's quantisation: one ``LayerQuant`` per quantised linear, plus folds."""
+    """A model's quantisation: one result per quantised linear, plus folds.
 
-    layers: dict[str, LayerQuant]
+    A layer's result is a ``LayerQuant`` (affine: ``scale * (code - zero)``, what RTN, GPTQ, AWQ and
+    AutoRound make, and what ``runtime=packed`` and export hold) or a ``FormatQuant`` (a library's own
+    format: NF4, HQQ, GGUF blocks; its dequantised weight and exact storage bits).
+    """
+
+    layers: dict[str, LayerQuant | FormatQuant]
     folds: list[Fold] = field(default_factory=list)
     info: dict = field(default_factory=dict)  # method statistics (timings, damping rises, ...)
 
@@ -61,11 +66,25 @@ class QuantResult:
         torch_save_atomic(path, {"layers": {k: v.to_dict() for k, v in self.layers.items()},
                                  "folds": [(f.module, f.kind, f.scale) for f in self.folds], "info": self.info})
 
+    @property
+    def affine(self) -> bool:
+        """Whether every layer is a ``LayerQuant`` (what ``runtime=packed`` and export can hold)."""
+        return all(isinstance(lq, LayerQuant) for lq in self.layers.values())
+
+    @property
+    def swaps_modules(self) -> bool:
+        """Whether applying it replaces modules (a ``FormatQuant`` with a ``module``), not only weights."""
+        return any(getattr(lq, "module", None) is not None for lq in self.layers.values())
+
+    def formats(self) -> list[str]:
+        """The non-affine formats in this result, e.g. ``["bnb nf4"]``."""
+        return sorted({lq.format for lq in self.layers.values() if isinstance(lq, FormatQuant)})
+
     @classmethod
     def load(cls, path: Path) -> "QuantResult":
         blob = torch.load(path, weights_only=True)
         return cls(
-            layers={k: LayerQuant(**v) for k, v in blob["layers"].items()},
+            layers={k: layer_from_dict(v) for k, v in blob["layers"].items()},
             folds=[Fold(*f) for f in blob["folds"]],
             info=blob["info"],
         )
@@ -89,13 +108,26 @@ def apply_fold(module: torch.nn.Module, kind: str, scale: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def apply_result(model: torch.nn.Module, result: QuantResult) -> None:
-    """Apply any method's result to ``model`` in place (fake-quant)."""
+def apply_result(model: torch.nn.Module, result: QuantResult) -> bool:
+    """Apply any method's result to ``model`` in place; returns whether modules were swapped.
+
+    Each layer's weight becomes its dequantised weight (fake-quant), except a ``FormatQuant`` that names
+    a ``module``: that linear is replaced by the module ``REPLACEMENTS[module]`` builds (bitsandbytes'
+    ``Linear8bitLt`` for LLM.int8), so the model no longer has its original modules.
+    """
     for f in result.folds:
         apply_fold(model.get_submodule(f.module), f.kind, f.scale)
+    swapped = False
     for name, lq in result.layers.items():
-        w = model.get_submodule(name).weight
+        linear = model.get_submodule(name)
+        if getattr(lq, "module", None) is not None:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, REPLACEMENTS[lq.module](linear, lq))
+            swapped = True
+            continue
+        w = linear.weight
         w.data.copy_(lq.dequantize(torch.float32).to(w.device, w.dtype))
+    return swapped
 
 
 def quantized_layer_names(model: torch.nn.Module, adapter, spec: QuantSpec) -> list[str]:
@@ -153,6 +185,18 @@ class Method:
 
     compute: Callable[..., QuantResult]
     calibration: str | None = None
+    # the library a method calls, imported inside its module only: (import name, pip extra that installs it)
+    library: tuple[str, str] | None = None
+    affine: bool = True  # False: its results are FormatQuant (refused by runtime=packed and export)
+
+    def missing_library(self) -> str | None:
+        """One line naming the extra to install when the method's library is not importable, else None."""
+        import importlib.util
+
+        if self.library is None or importlib.util.find_spec(self.library[0]) is not None:
+            return None
+        return (f"the {self.library[0]} package is not installed: pip install 'quanteval[{self.library[1]}]' "
+                f"(or pip install {self.library[0].replace('_', '-')})")
 
     @property
     def needs_calibration(self) -> bool:
@@ -183,4 +227,15 @@ METHODS: dict[str, Method | None] = {
     "awq": Method(_lazy("quanteval.methods.awq", "awq_model"), calibration="inputs"),
     # llm-compressor's own GPTQ / RTN / AWQ, in its venv (quanteval/methods/llmcompressor.py)
     "llmcompressor": Method(_lazy("quanteval.methods.llmcompressor", "llmcompressor_model"), calibration="ids"),
+    # other libraries' formats, each through the library itself (types per bits: quanteval/formats.py)
+    "bnb": Method(_lazy("quanteval.methods.bnb", "bnb_model"), library=("bitsandbytes", "methods"), affine=False),
+    "hqq": Method(_lazy("quanteval.methods.hqq", "hqq_model"), library=("hqq", "methods"), affine=False),
+    "gguf": Method(_lazy("quanteval.methods.gguf", "gguf_model"), library=("gguf", "methods"), affine=False),
+    "autoround": Method(_lazy("quanteval.methods.autoround", "autoround_model"), calibration="ids",
+                        library=("auto_round", "methods")),
+}
+
+# FormatQuant.module -> builder(linear, layer) of the module a layer runs as (see apply_result)
+REPLACEMENTS: dict[str, Callable[..., torch.nn.Module]] = {
+    "bnb_int8": _lazy("quanteval.methods.bnb", "int8_module"),
 }
