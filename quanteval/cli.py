@@ -190,7 +190,6 @@ def expand_grid(overrides: list[str]) -> tuple[list[list[str]], list[C.RunConfig
     for name, why in no_type.items():
         if name not in typed:  # nothing of this method would run: the request itself is wrong
             raise UsageError(why)
-        log.info("cells without a type are skipped: %s", why)
     return jobs, cfgs, len(to_run), results_dir
 
 
@@ -400,6 +399,19 @@ def _open_dict_overrides(args: list[str]) -> list[str]:
     return [f"++{a}" if a.startswith(OPEN_DICTS) else a for a in args]
 
 
+def _no_type_lines(cfgs: list[C.RunConfig]) -> list[str]:
+    """'bnb w3 (no type): <why>' for each grid cell a typed method has no type for (skipped, not substituted)."""
+    from quanteval.variant import Variant
+
+    lines = []
+    for cfg in cfgs:
+        v = Variant.of(cfg)
+        line = f"{v.label}: {v.no_format}"
+        if v.no_format is not None and line not in lines:
+            lines.append(line)
+    return lines
+
+
 def main() -> None:
     """Console entry point: validate the whole grid, then hand over to Hydra."""
     sys.argv = sys.argv[:1] + _open_dict_overrides(sys.argv[1:])
@@ -426,6 +438,8 @@ def main() -> None:
             return
         print(f"quanteval: {len(jobs)} job(s) validated: {n_run} distinct run(s) in this preset's grid",
               file=sys.stderr)
+        for line in _no_type_lines(cfgs):
+            print(f"quanteval: skipped {line}", file=sys.stderr)
         os.environ["QUANTEVAL_SWEEP_RUNS"] = f"{os.getpid()}:{n_run}"  # the in-process sweep's progress bar
         if any(a.split("=", 1)[0].lstrip("+~") == "bits" for a in args):
             sys.argv.append("use_preset_grid=false")  # the user chose the bits: run exactly those

@@ -30,14 +30,25 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from quanteval.formats import family
 from quanteval.report.cells import Cell, RunData
 from quanteval.results import RunRecord, TaskMeta
 from quanteval.thresholds import Thresholds
 
 log = logging.getLogger(__name__)
 
-METHOD_COLORS = {"none": "#444444", "rtn": "#1f77b4", "gptq": "#ff7f0e", "awq": "#2ca02c"}
-FALLBACK_COLORS = ["#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
+# colours are by library family (quanteval.formats.FAMILIES): each family one hue, its methods shades of
+# it, told apart by marker (METHOD_MARKERS)
+FAMILY_COLORS = {"baseline": "#444444", "quanteval": "#1f77b4", "llm-compressor": "#7b4fb0",
+                 "bitsandbytes": "#d62728", "hqq": "#8c564b", "auto-round": "#e377c2",
+                 "llama.cpp (gguf)": "#2ca02c", "other": "#7f7f7f"}
+METHOD_COLORS = {"none": "#444444",
+                 "rtn": "#6baed6", "gptq": "#1f77b4", "awq": "#08306b",  # quanteval: blues
+                 "llmc-rtn": "#bcbddc", "llmc-gptq": "#7b4fb0", "llmc-awq": "#3f007d",  # llm-compressor: purples
+                 "bnb": "#d62728", "hqq": "#8c564b", "autoround": "#e377c2", "gguf": "#2ca02c"}
+METHOD_MARKERS = {"rtn": "o", "gptq": "s", "awq": "^", "llmc-rtn": "o", "llmc-gptq": "s", "llmc-awq": "^",
+                  "bnb": "D", "hqq": "v", "autoround": "P", "gguf": "X"}
+FALLBACK_COLORS = ["#bcbd22", "#7f7f7f", "#aec7e8", "#98df8a", "#ff9896", "#c49c94"]
 BIT_COLORS = {8: "#2ca02c", 4: "#1f77b4", 3: "#ff7f0e", 2: "#d62728"}
 
 
@@ -91,9 +102,19 @@ def wording(task: str, hint: dict, primary: str | None = None) -> Wording:
 
 
 def method_color(method: str) -> str:
+    """A method's colour: a shade of its family's hue (an unknown method: a fixed fallback by name)."""
     if method in METHOD_COLORS:
         return METHOD_COLORS[method]
     return FALLBACK_COLORS[sum(map(ord, method)) % len(FALLBACK_COLORS)]
+
+
+def method_marker(method: str) -> str:
+    return METHOD_MARKERS.get(method, "o")
+
+
+def method_legend(method: str) -> str:
+    """'gptq (quanteval)': the legend names each method's family."""
+    return f"{method} ({family(method)})"
 
 
 def _slug(text: str) -> str:
@@ -142,7 +163,8 @@ def _lines(ax, cells: list[Cell], y, band=None) -> None:
         if not pts:
             continue
         xs = [c.effective_bits for c in pts]
-        ax.plot(xs, [y(c) for c in pts], marker="o", color=method_color(method), label=method)
+        ax.plot(xs, [y(c) for c in pts], marker=method_marker(method), color=method_color(method),
+                label=method_legend(method))
         if band:
             lo_hi = [band(c) for c in pts]
             if all(b is not None for b in lo_hi):
@@ -216,7 +238,7 @@ def _pareto(model: str, cells: list[Cell], out: Path, t: Thresholds, charts: lis
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()
     for mb, q, c in pts:
-        ax.scatter(mb, q, color=method_color(c.method), zorder=3)
+        ax.scatter(mb, q, color=method_color(c.method), marker=method_marker(c.method), zorder=3)
         ax.annotate(c.label, (mb, q), fontsize=7, xytext=(3, 3), textcoords="offset points")
     frontier, best = [], -np.inf
     for mb, q, _ in sorted(pts, key=lambda p: p[0]):
@@ -224,8 +246,8 @@ def _pareto(model: str, cells: list[Cell], out: Path, t: Thresholds, charts: lis
             frontier.append((mb, q))
             best = q
     ax.plot([p[0] for p in frontier], [p[1] for p in frontier], color="#555", linestyle="-", label="Pareto frontier")
-    for method in sorted({c.method for _, _, c in pts}):
-        ax.scatter([], [], color=method_color(method), label=method)
+    for method in sorted({c.method for _, _, c in pts}, key=lambda m: (family(m), m)):
+        ax.scatter([], [], color=method_color(method), marker=method_marker(method), label=method_legend(method))
     ax.axhline(1.0, linestyle="--", color=METHOD_COLORS["none"], label="baseline")
     ax.axhline(t.survives, linestyle=":", color="#2e7d32", label=f"survives ≥ {t.survives:g}")
     ax.set(title=f"{model} — quality vs size", xlabel="model size, MB",

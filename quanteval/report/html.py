@@ -32,7 +32,8 @@ from pathlib import Path
 from quanteval import results
 from quanteval.report.cells import (Cell, RunData, build_cells, kinds_of_work, load_items, recommend,
                                     task_metas)
-from quanteval.report.charts import write_charts
+from quanteval.formats import family
+from quanteval.report.charts import FAMILY_COLORS, write_charts
 from quanteval.results import RunRecord, TaskMeta
 from quanteval.thresholds import Thresholds
 
@@ -118,11 +119,28 @@ def _fmt(v, spec: str = "{:.3g}") -> str:
 
 
 def _columns(cells: list[Cell]) -> list[Cell]:
-    """One representative cell per variant column, ordered by effective bits (baseline first)."""
+    """One representative cell per variant column: the baseline, then each library family's variants
+    together (quanteval's own, llm-compressor, bitsandbytes, ...), by effective bits within a family."""
     seen: dict[str, Cell] = {}
     for c in cells:
         seen.setdefault(c.label, c)
-    return sorted(seen.values(), key=lambda c: (c.method != "none", -(c.effective_bits or 0), c.label))
+    order = list(FAMILY_COLORS)
+    return sorted(seen.values(), key=lambda c: (order.index(family(c.method)) if family(c.method) in order
+                                                else len(order), -(c.effective_bits or 0), c.label))
+
+
+def _family_row(cols: list[Cell]) -> str:
+    """The header row over the variant columns: one coloured band per library family."""
+    spans: list[list] = []
+    for c in cols:
+        f = family(c.method)
+        if spans and spans[-1][0] == f:
+            spans[-1][1] += 1
+        else:
+            spans.append([f, 1])
+    cells = "".join(f'<th colspan="{n}" class="family" style="border-bottom: 4px solid {FAMILY_COLORS.get(f, "#777")}">'
+                    f"{esc(f)}</th>" for f, n in spans)
+    return f"<tr><th></th>{cells}</tr>"
 
 
 def cell_text(c: Cell) -> str:
@@ -172,8 +190,8 @@ def _matrix(model: str, cells: list[Cell], pages: dict) -> str:
             tds.append(f'<td class="cell v-{_cls(c.verdict)}" title="{title}" '
                        f'data-verdict="{esc(c.verdict, quote=True)}">{text}</td>')
         body.append(f"<tr><th class=rowhead>{esc(row)}</th>{''.join(tds)}</tr>")
-    return (f'<table class="matrix" data-model="{esc(model, quote=True)}"><thead><tr><th>task: metric</th>{head}'
-            f"</tr></thead><tbody>{''.join(body)}</tbody></table>")
+    return (f'<table class="matrix" data-model="{esc(model, quote=True)}"><thead>{_family_row(cols)}'
+            f"<tr><th>task: metric</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
 
 
 def _recommendation(rec: dict) -> str:
