@@ -180,6 +180,12 @@ def expand_grid(overrides: list[str]) -> tuple[list[list[str]], list[C.RunConfig
             run_cfg.use_preset_grid = not user_bits
             cfgs.append(run_cfg)
             run = Run.of(run_cfg)
+            if run_cfg.method.name == "gguf" and run.variant.format and run.preset_skip() is None:
+                from quanteval.methods.gguf import missing_ggml
+
+                why = missing_ggml(run.variant.format)  # a k-quant needs llama.cpp's own library, set up once
+                if why:
+                    raise UsageError(f"method=gguf: {why}")
             if run.variant.no_format is not None:
                 no_type.setdefault(run_cfg.method.name, run.variant.no_format)
             elif run.variant.format is not None:

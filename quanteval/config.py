@@ -182,7 +182,9 @@ class GGUFConfig(MethodConfig):
     """llama.cpp's GGUF block formats through the ``gguf`` package's own quantisers (``quanteval.methods.gguf``)."""
 
     name: str = "gguf"
-    type: Optional[str] = None  # Q8_0 | Q5_1 | Q5_0 | Q4_1 | Q4_0 | MXFP4; default: from bits (8/5/4)
+    # Q8_0 | Q5_1 | Q5_0 | Q4_1 | Q4_0 | MXFP4 | Q6_K | Q5_K | Q4_K | Q3_K | Q2_K; default: from bits
+    # (8 -> Q8_0, 6 -> Q6_K, 5 -> Q5_1, 4 -> Q4_1, 3 -> Q3_K, 2 -> Q2_K; quanteval.formats)
+    type: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check_type("gguf", self.type)

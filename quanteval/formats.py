@@ -3,11 +3,16 @@
 The one table of it (``FORMATS``), read by the configs, the variant labels, the grid and the report;
 torch-free, so the report can read it too.
 
-| method | bits -> type (``bits=``)             | every type (``method.type=``), nominal bits     |
-|--------|--------------------------------------|-------------------------------------------------|
-| bnb    | 4 -> nf4, 8 -> int8                  | nf4 4, fp4 4, int8 8                            |
-| gguf   | 8 -> Q8_0, 5 -> Q5_1, 4 -> Q4_1      | Q8_0 8, Q5_1 5, Q5_0 5, Q4_1 4, Q4_0 4, MXFP4 4 |
-| hqq    | bits as given: 8, 4, 3, 2            | (no types)                                      |
+| method | bits -> type (``bits=``)             | every type (``method.type=``), nominal bits      |
+|--------|--------------------------------------|--------------------------------------------------|
+| bnb    | 4 -> nf4, 8 -> int8                  | nf4 4, fp4 4, int8 8                             |
+| gguf   | 8 -> Q8_0, 6 -> Q6_K, 5 -> Q5_1,     | Q8_0 8, Q5_1 5, Q5_0 5, Q4_1 4, Q4_0 4, MXFP4 4, |
+|        | 4 -> Q4_1, 3 -> Q3_K, 2 -> Q2_K      | Q6_K 6, Q5_K 5, Q4_K 4, Q3_K 3, Q2_K 2           |
+| hqq    | bits as given: 8, 4, 3, 2            | (no types)                                       |
+
+The gguf k-quants (``_K``) are quantised by llama.cpp's own C code (``quanteval.methods.ggml``, set up once)
+and fall back per tensor as llama.cpp does (``quanteval.methods.gguf``); their nominal bits are the
+quantised width, their stored bits more (Q4_K 4.5, Q2_K 2.625).
 
 A grid cell whose bits have no type (bnb at 3 bits) is skipped with a logged reason, never given
 another type; a whole grid in which a method has no cell to run is refused in one line
@@ -39,9 +44,10 @@ class Formats:
 FORMATS: dict[str, Formats] = {
     "bnb": Formats({4: "nf4", 8: "int8"}, {"nf4": 4, "fp4": 4, "int8": 8},
                    note="bitsandbytes has 4-bit (nf4, fp4) and 8-bit (LLM.int8) weights only"),
-    "gguf": Formats({8: "Q8_0", 5: "Q5_1", 4: "Q4_1"},
-                    {"Q8_0": 8, "Q5_1": 5, "Q5_0": 5, "Q4_1": 4, "Q4_0": 4, "MXFP4": 4},
-                    note="the gguf package quantises no k-quants (Q3_K, Q2_K), so 3 and 2 bits have no type"),
+    "gguf": Formats({8: "Q8_0", 6: "Q6_K", 5: "Q5_1", 4: "Q4_1", 3: "Q3_K", 2: "Q2_K"},
+                    {"Q8_0": 8, "Q5_1": 5, "Q5_0": 5, "Q4_1": 4, "Q4_0": 4, "MXFP4": 4,
+                     "Q6_K": 6, "Q5_K": 5, "Q4_K": 4, "Q3_K": 3, "Q2_K": 2},  # k-quants: llama.cpp's C code
+                    note="llama.cpp has no 7-bit type"),
 }
 
 HQQ_BITS = (8, 4, 3, 2)  # hqq's packed widths that quanteval's bit range holds (hqq also has 1)
