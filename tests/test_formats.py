@@ -270,3 +270,20 @@ def test_export_refuses_a_format_run(tiny_model, tiny_data, tmp_path):
     run = next(p for p in (results / "default" / "runs").glob("*gguf*.json"))
     with pytest.raises(ExportError, match="method=gguf makes a non-affine result"):
         export(run, tmp_path / "out", results)
+
+
+def test_hqq_and_autoround_run_through_the_sweep(tiny_model, tiny_data, tmp_path):
+    pytest.importorskip("hqq")
+    pytest.importorskip("auto_round")
+    results = tmp_path / "r"
+    proc = run_cli(*_cli_args(tiny_model, tiny_data, results, "method=none,hqq,autoround", "bits=4",
+                              "preset.calib_samples=4", "preset.calib_seq_len=64"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {json.loads(p.read_text())["variant"]["label"]: json.loads(p.read_text())
+            for p in (results / "default" / "runs").glob("*.json")}
+    assert set(runs) == {"baseline", "hqq w4 g64", "autoround w4 g64"} and all(r["status"] == "ok" for r in runs.values())
+    assert runs["hqq w4 g64"]["compression"]["formats"] == {"hqq b4 g64": 14}
+    assert runs["hqq w4 g64"]["compression"]["effective_bits"] == 4.5  # fp16 scale and zero per 64 weights
+    ar = runs["autoround w4 g64"]
+    assert ar["settings"]["method"]["iters"] == 0  # preset smoke's autoround_iters: auto-round's RTN mode
+    assert ar["compression"]["effective_bits"] == pytest.approx(4 + 20 / 64) and "formats" not in ar["compression"]
