@@ -4,11 +4,13 @@ Reads the run files of one sweep (WikiText-2 fidelity plus one chat task's teach
 a markdown table with one row per (method, bits) cell of the grid it is given, "n/a" with the reason
 where a method has no type at that width (``quanteval.formats``). Reading only: it computes nothing.
 
-Make the sweep first (default preset, the embedded SmolLM2; about an hour on 2 idle CPU cores)::
+Make the sweep first (default preset, the embedded SmolLM2; 32 min on 2 idle CPU cores, 2026-12-02)::
 
-    quanteval sweep_name=formats method=none,rtn,gptq,awq,hqq,gguf,bnb,autoround bits=8,4,3 task=wikitext2
-    quanteval sweep_name=formats method=none,rtn,gptq,awq,hqq,gguf,autoround bits=8,4,3 task=mt_bench
-    quanteval sweep_name=formats method=bnb bits=4 task=mt_bench   # bnb int8: see the README on its CPU kernel
+    quanteval sweep_name=formats method=none,rtn,bnb,hqq,gguf bits=8,4,3 task=wikitext2
+    quanteval sweep_name=formats method=gptq,awq,autoround bits=4,3 task=wikitext2
+    quanteval sweep_name=formats method=none,rtn,hqq,gguf bits=8,4,3 task=mt_bench
+    quanteval sweep_name=formats method=gptq,awq,autoround bits=4,3 task=mt_bench
+    quanteval sweep_name=formats method=bnb bits=4 task=mt_bench   # not int8: its CPU kernel decodes slowly
     python benchmarks/formats_table.py results/formats --chat-task mt_bench
 
 ``quantize_s`` is the run's own quantisation time (``timings.quantize_s`` of its WikiText-2 run, which
