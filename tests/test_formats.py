@@ -296,3 +296,16 @@ def test_report_warns_when_gguf_requantises_its_own_source_type():
     assert "the baseline itself is a Q4_1 GGUF file" in source_format_note("gguf Q4_1", src)
     assert source_format_note("gguf Q8_0", src) == "" and source_format_note("rtn w4 g64", src) == ""
     assert source_format_note("gguf Q4_1", None) == ""
+
+
+def test_missing_library_stops_the_grid_in_one_line(monkeypatch, tiny_model, tiny_data, tmp_path):
+    import dataclasses
+
+    from quanteval import cli, methods
+
+    hidden = dataclasses.replace(methods.METHODS["bnb"], library=("no_such_bitsandbytes", "methods"))
+    monkeypatch.setitem(methods.METHODS, "bnb", hidden)
+    with pytest.raises(cli.UsageError, match=r"method=bnb: the no_such_bitsandbytes package is not installed: "
+                                             r"pip install 'quanteval\[methods\]'"):
+        cli.expand_grid(_cli_args(tiny_model, tiny_data, tmp_path / "r", "method=rtn,bnb", "bits=4"))
+    assert not (tmp_path / "r").exists()
