@@ -29,7 +29,7 @@ from typing import Optional
 
 import quanteval
 from quanteval import results
-from quanteval.config import MethodConfig, ModelConfig, RunConfig
+from quanteval.config import AutoRoundConfig, MethodConfig, ModelConfig, RunConfig
 
 NOT_IN_QUANT_KEY = ("task", "preset", "git", "runtime")  # run settings that do not change the weights
 
@@ -102,7 +102,7 @@ class Variant:
                 fmt, bits = resolve(cfg.method.name, cfg.bits, cfg.method.type)
             except NoFormat as e:
                 no_format = str(e)
-        if getattr(method_cfg, "iters", 0) is None and hasattr(cfg.preset, "autoround_iters"):
+        if isinstance(method_cfg, AutoRoundConfig) and method_cfg.iters is None:
             method_cfg = dataclasses.replace(method_cfg, iters=cfg.preset.autoround_iters)  # the preset's
         return cls(cfg.model, cfg.dtype, cfg.device, method_cfg, bits, cfg.group_size, cfg.sym,
                    cfg.quantize_embeddings, cfg.seed, calib, cfg.runtime, cfg.kernel, fmt, no_format)
