@@ -48,6 +48,7 @@ def _register() -> None:
     cs.store(group="method", name="base_gguf", node=C.GGUFConfig)
     cs.store(group="method", name="base_hqq", node=C.HQQConfig)
     cs.store(group="method", name="base_autoround", node=C.AutoRoundConfig)
+    cs.store(group="method", name="base_artifact", node=C.ArtifactConfig)
     cs.store(group="task", name="base_wikitext2", node=C.WikiText2Config)
     cs.store(group="task", name="base_generative", node=C.GenerativeTaskConfig)
     cs.store(group="task", name="base_lmeval", node=C.LMEvalTaskConfig)
@@ -260,6 +261,11 @@ def _check_inputs(cfg: C.RunConfig) -> None:
             from quanteval.models import check_gguf, gguf_path
 
             check_gguf(gguf_path(cfg.model))
+        if cfg.method.name == "artifact":  # the file, then the file against its base: before any heavy work
+            from quanteval.artifacts import inspect
+            from quanteval.methods.artifact import check_base
+
+            check_base(inspect(cfg.artifact), cfg.model)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
 

@@ -238,6 +238,20 @@ class AutoRoundConfig(MethodConfig):
 
 
 @dataclass
+class ArtifactConfig(MethodConfig):
+    """A quantised file people already have, evaluated against its base (``model=``): a GGUF file of any
+    type, or a compressed-tensors checkpoint folder (``quanteval.methods.artifact``). The file is the
+    run's top-level ``artifact=`` (so ``method=none,artifact artifact=a.gguf,b.gguf`` sweeps the base
+    beside several files); this method has no knobs."""
+
+    name: str = "artifact"
+    path: Optional[str] = None  # not a knob: Variant.of fills it in from the run's artifact= (resolved)
+
+    uses_group_size = False  # the file's own layout
+    uses_sym = False
+
+
+@dataclass
 class TaskConfig:
     """Base of every task's settings. ``kind`` picks the evaluator (``quanteval.evaluate.TASKS``)."""
 
@@ -391,6 +405,9 @@ class RunConfig:
     # codes and run the dequant-matmul kernel (quanteval.packed), so resident memory is real
     runtime: str = "fakequant"
     kernel: str = "auto"  # runtime=packed: auto (Triton on CUDA, torch reference on CPU) | triton | torch
+    # method=artifact: the file evaluated against the model (a .gguf file of any type, or a compressed-tensors
+    # checkpoint folder); a comma list sweeps several. Ignored by every other method.
+    artifact: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check(isinstance(self.group_size, int), f"group_size={self.group_size!r}: must be an integer")
@@ -412,6 +429,9 @@ class RunConfig:
         _check(self.sandbox in ("bwrap", "none"), f"sandbox={self.sandbox!r}: must be bwrap or none (unsafe)")
         _check(self.runtime in ("fakequant", "packed"), f"runtime={self.runtime!r}: must be fakequant or packed")
         _check(self.kernel in ("auto", "triton", "torch"), f"kernel={self.kernel!r}: must be auto, triton or torch")
+        if self.method.name == "artifact":
+            _check(bool(self.artifact), "artifact: required for method=artifact (a .gguf file or a compressed-tensors "
+                                        "checkpoint folder; a comma list sweeps several)")
         if self.runtime == "packed" and self.method.quantizes:
             _check(self.bits in (2, 3, 4, 8), f"bits={self.bits}: runtime=packed holds 2, 3, 4 and 8 bits; "
                                               f"5-7 stay fake-quant (runtime=fakequant)")

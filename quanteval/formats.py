@@ -83,6 +83,7 @@ FAMILIES: dict[str, str] = {
     "rtn": "quanteval", "gptq": "quanteval", "awq": "quanteval",
     "llmc-gptq": "llm-compressor", "llmc-rtn": "llm-compressor", "llmc-awq": "llm-compressor",
     "bnb": "bitsandbytes", "hqq": "hqq", "autoround": "auto-round", "gguf": "llama.cpp (gguf)",
+    "artifact": "files (artifacts)",
 }
 
 

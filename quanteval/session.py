@@ -41,6 +41,7 @@ class Session:
     done: set[str] = field(default_factory=set)  # run keys finished by this process
     _model: Optional[_Model] = None
     _calib: Optional[tuple[str, object]] = None  # (calibration key, BlockInputs)
+    _kept: Optional[tuple[str, object]] = None  # (key, value): the last result read from a file (Session.kept)
 
     # ------------------------------------------------------------------ cache files
 
@@ -61,6 +62,14 @@ class Session:
             save(path, value)
             self.refreshed.add(path)
             return value
+
+    def kept(self, key: str, compute: Callable[[], T]) -> T:
+        """``compute()``'s value, kept in memory for the next call with the same ``key`` (one value at a
+        time: a result read from a file, e.g. an artifact's, which is its own cache on disk)."""
+        if self._kept is None or self._kept[0] != key:
+            self._kept = None  # free the previous one first
+            self._kept = (key, compute())
+        return self._kept[1]
 
     # ------------------------------------------------------------------ the model
 

@@ -74,6 +74,8 @@ def quantize(run: Run, ctx: TaskContext) -> QuantResult:
         result.info = {**result.info, "from_cache": True}
         return result
 
+    if not METHODS[variant.method.name].cached:  # read from a file (method=artifact): kept in memory only
+        return ctx.session.kept(variant.quant_key, compute)
     return ctx.cached(run.quant_path, compute, save=lambda path, result: result.save(path), load=load)
 
 

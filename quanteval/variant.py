@@ -29,7 +29,7 @@ from typing import Optional
 
 import quanteval
 from quanteval import results
-from quanteval.config import AutoRoundConfig, MethodConfig, ModelConfig, RunConfig
+from quanteval.config import ArtifactConfig, AutoRoundConfig, MethodConfig, ModelConfig, RunConfig
 
 NOT_IN_QUANT_KEY = ("task", "preset", "git", "runtime")  # run settings that do not change the weights
 
@@ -84,6 +84,7 @@ class Variant:
     # there is none when there is none (the run is then skipped with that reason)
     format: Optional[str] = None
     no_format: Optional[str] = None
+    artifact: Optional[object] = None  # method=artifact: the file (quanteval.artifacts.Artifact)
 
     @classmethod
     def of(cls, cfg: RunConfig) -> "Variant":
@@ -104,8 +105,15 @@ class Variant:
                 no_format = str(e)
         if isinstance(method_cfg, AutoRoundConfig) and method_cfg.iters is None:
             method_cfg = dataclasses.replace(method_cfg, iters=cfg.preset.autoround_iters)  # the preset's
+        artifact = None
+        if isinstance(method_cfg, ArtifactConfig):  # a file: its type and bits are its own (cfg.bits is ignored)
+            from quanteval.artifacts import inspect
+
+            artifact = inspect(cfg.artifact)
+            fmt, bits = artifact.type, artifact.nominal_bits
+            method_cfg = dataclasses.replace(method_cfg, path=artifact.path)
         return cls(cfg.model, cfg.dtype, cfg.device, method_cfg, bits, cfg.group_size, cfg.sym,
-                   cfg.quantize_embeddings, cfg.seed, calib, cfg.runtime, cfg.kernel, fmt, no_format)
+                   cfg.quantize_embeddings, cfg.seed, calib, cfg.runtime, cfg.kernel, fmt, no_format, artifact)
 
     @property
     def quantizes(self) -> bool:
@@ -116,6 +124,8 @@ class Variant:
         """``baseline``, or e.g. ``gptq w4 g64`` (`` sym`` appended when symmetric)."""
         if not self.quantizes:
             return "baseline"
+        if self.artifact is not None:  # a file: its name and type, "model-Q4_K_M.gguf Q4_K_M"
+            return self.artifact.label
         if self.format is not None:  # a library type names its own layout: "gguf Q4_1"
             return f"{self.method.label_name} {self.format}"
         if self.no_format is not None:
@@ -135,6 +145,8 @@ class Variant:
                 "sym": self.sym if self.method.uses_sym else None, "label": self.label}
         if self.format is not None:
             info["format"] = self.format
+        if self.artifact is not None:
+            info["artifact"] = self.artifact.settings()
         return info
 
     def model_settings(self) -> dict:
@@ -230,7 +242,12 @@ class Run:
 
     @property
     def quant_path(self) -> Optional[Path]:
-        return self.variant.quant_path(self.cache_dir) if self.variant.quantizes else None
+        """The variant's cached quantisation result; None for the baseline and for a method whose result is
+        read from a file (method=artifact: the file is its own cache)."""
+        from quanteval.methods import METHODS
+
+        v = self.variant
+        return v.quant_path(self.cache_dir) if v.quantizes and METHODS[v.method.name].cached else None
 
     def preset_skip(self) -> Optional[str]:
         """Why the preset's grid leaves this run out (None when it runs).

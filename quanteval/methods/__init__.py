@@ -59,12 +59,18 @@ class QuantResult:
     layers: dict[str, LayerQuant | FormatQuant]
     folds: list[Fold] = field(default_factory=list)
     info: dict = field(default_factory=dict)  # method statistics (timings, damping rises, ...)
+    # other parameters set verbatim, by state-dict name: an artifact's own norms, float embeddings and
+    # biases (method=artifact); empty for every method that quantises the base's weights
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
         from quanteval.results import torch_save_atomic
 
-        torch_save_atomic(path, {"layers": {k: v.to_dict() for k, v in self.layers.items()},
-                                 "folds": [(f.module, f.kind, f.scale) for f in self.folds], "info": self.info})
+        blob = {"layers": {k: v.to_dict() for k, v in self.layers.items()},
+                "folds": [(f.module, f.kind, f.scale) for f in self.folds], "info": self.info}
+        if self.tensors:
+            blob["tensors"] = dict(self.tensors)
+        torch_save_atomic(path, blob)
 
     @property
     def affine(self) -> bool:
@@ -87,6 +93,7 @@ class QuantResult:
             layers={k: layer_from_dict(v) for k, v in blob["layers"].items()},
             folds=[Fold(*f) for f in blob["folds"]],
             info=blob["info"],
+            tensors=blob.get("tensors", {}),
         )
 
 
@@ -113,8 +120,15 @@ def apply_result(model: torch.nn.Module, result: QuantResult) -> bool:
 
     Each layer's weight becomes its dequantised weight (fake-quant), except a ``FormatQuant`` that names
     a ``module``: that linear is replaced by the module ``REPLACEMENTS[module]`` builds (bitsandbytes'
-    ``Linear8bitLt`` for LLM.int8), so the model no longer has its original modules.
+    ``Linear8bitLt`` for LLM.int8), so the model no longer has its original modules. ``result.tensors``
+    (an artifact's other parameters) are copied in first.
     """
+    if result.tensors:
+        own = {**dict(model.named_buffers()), **dict(model.named_parameters(remove_duplicate=False))}
+        for name, t in result.tensors.items():
+            if name not in own:
+                raise KeyError(f"{name}: the model has no such parameter or buffer")
+            own[name].data.copy_(t.to(own[name].device, own[name].dtype))
     for f in result.folds:
         apply_fold(model.get_submodule(f.module), f.kind, f.scale)
     swapped = False
@@ -188,6 +202,9 @@ class Method:
     # the library a method calls, imported inside its module only: (import name, pip extra that installs it)
     library: tuple[str, str] | None = None
     affine: bool = True  # False: its results are FormatQuant (refused by runtime=packed and export)
+    # False: the result is read from a file, which is its own cache (method=artifact): not written to the
+    # quantisation cache, kept in memory for the jobs that follow (Session.kept)
+    cached: bool = True
 
     def missing_library(self) -> str | None:
         """One line naming the extra to install when the method's library is not importable, else None."""
@@ -233,6 +250,8 @@ METHODS: dict[str, Method | None] = {
     "gguf": Method(_lazy("quanteval.methods.gguf", "gguf_model"), library=("gguf", "methods"), affine=False),
     "autoround": Method(_lazy("quanteval.methods.autoround", "autoround_model"), calibration="ids",
                         library=("auto_round", "methods")),
+    # a file people already have (a GGUF file, a compressed-tensors folder), against its base
+    "artifact": Method(_lazy("quanteval.methods.artifact", "artifact_model"), affine=False, cached=False),
 }
 
 # FormatQuant.module -> builder(linear, layer) of the module a layer runs as (see apply_result)

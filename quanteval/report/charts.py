@@ -41,13 +41,14 @@ log = logging.getLogger(__name__)
 # it, told apart by marker (METHOD_MARKERS)
 FAMILY_COLORS = {"baseline": "#444444", "quanteval": "#1f77b4", "llm-compressor": "#7b4fb0",
                  "bitsandbytes": "#d62728", "hqq": "#8c564b", "auto-round": "#e377c2",
-                 "llama.cpp (gguf)": "#2ca02c", "other": "#7f7f7f"}
+                 "llama.cpp (gguf)": "#2ca02c", "files (artifacts)": "#ff7f0e", "other": "#7f7f7f"}
 METHOD_COLORS = {"none": "#444444",
                  "rtn": "#6baed6", "gptq": "#1f77b4", "awq": "#08306b",  # quanteval: blues
                  "llmc-rtn": "#bcbddc", "llmc-gptq": "#7b4fb0", "llmc-awq": "#3f007d",  # llm-compressor: purples
-                 "bnb": "#d62728", "hqq": "#8c564b", "autoround": "#e377c2", "gguf": "#2ca02c"}
+                 "bnb": "#d62728", "hqq": "#8c564b", "autoround": "#e377c2", "gguf": "#2ca02c",
+                 "artifact": "#ff7f0e"}
 METHOD_MARKERS = {"rtn": "o", "gptq": "s", "awq": "^", "llmc-rtn": "o", "llmc-gptq": "s", "llmc-awq": "^",
-                  "bnb": "D", "hqq": "v", "autoround": "P", "gguf": "X"}
+                  "bnb": "D", "hqq": "v", "autoround": "P", "gguf": "X", "artifact": "*"}
 FALLBACK_COLORS = ["#bcbd22", "#7f7f7f", "#aec7e8", "#98df8a", "#ff9896", "#c49c94"]
 BIT_COLORS = {8: "#2ca02c", 4: "#1f77b4", 3: "#ff7f0e", 2: "#d62728"}
 
@@ -165,12 +166,26 @@ def _lines(ax, cells: list[Cell], y, band=None) -> None:
         if not pts:
             continue
         xs = [c.effective_bits for c in pts]
+        if method == "artifact":  # separate files: a labelled point each (with its CI as an error bar), no line
+            _points(ax, pts, y, band)
+            continue
         ax.plot(xs, [y(c) for c in pts], marker=method_marker(method), color=method_color(method),
                 label=method_legend(method))
         if band:
             lo_hi = [band(c) for c in pts]
             if all(b is not None for b in lo_hi):
                 ax.fill_between(xs, [b[0] for b in lo_hi], [b[1] for b in lo_hi], color=method_color(method), alpha=0.15)
+
+
+def _points(ax, pts: list[Cell], y, band=None) -> None:
+    """Artifacts: one marker per file, labelled by its file name and type."""
+    for i, c in enumerate(pts):
+        b = band(c) if band else None
+        yerr = None if b is None else [[max(y(c) - b[0], 0)], [max(b[1] - y(c), 0)]]
+        ax.errorbar([c.effective_bits], [y(c)], yerr=yerr, marker=method_marker("artifact"), linestyle="none",
+                    color=method_color("artifact"), capsize=3, label=method_legend("artifact") if i == 0 else None)
+        ax.annotate(c.label, (c.effective_bits, y(c)), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                    color=method_color("artifact"))
 
 
 def _quality(model: str, task: str, cells: list[Cell], out: Path, charts: list[Chart]) -> None:
