@@ -93,8 +93,8 @@ def _check_base(artifact: Artifact, model_json: str) -> None:
     if missing:
         raise ArtifactError(f"{who}: has no tensor for {missing[0]} (of {base}; {len(missing)} missing in all)")
     if art_tokens is not None and base_tokens is not None:
-        if len(art_tokens) != len(base_tokens):
-            raise ArtifactError(f"{who}: vocabulary of {len(art_tokens)} tokens differs from {base}, {len(base_tokens)}")
+        # the tokens both list, id by id (the embedding's rows were checked above: a GGUF converter may pad
+        # its token list to the embedding's size, e.g. Qwen's [PAD151665] ..., which a tokenizer does not list)
         for i, (a, b) in enumerate(zip(art_tokens, base_tokens)):
             if a != b:
                 raise ArtifactError(f"{who}: vocabulary differs from {base} at token {i}: {a!r} vs {b!r}")
