@@ -50,6 +50,7 @@ def _register() -> None:
     cs.store(group="method", name="base_autoround", node=C.AutoRoundConfig)
     cs.store(group="method", name="base_artifact", node=C.ArtifactConfig)
     cs.store(group="task", name="base_wikitext2", node=C.WikiText2Config)
+    cs.store(group="task", name="base_wikitext2_long", node=C.LongWikiText2Config)
     cs.store(group="task", name="base_generative", node=C.GenerativeTaskConfig)
     cs.store(group="task", name="base_lmeval", node=C.LMEvalTaskConfig)
     cs.store(group="preset", name="base_preset", node=C.PresetConfig)
@@ -229,6 +230,8 @@ def _check_inputs(cfg: C.RunConfig) -> None:
             raise ValueError(f"model.name_or_path={cfg.model.name_or_path}: is a file; give a model folder or a hub id")
         if hasattr(cfg.task, "file"):
             data_file(root, cfg.task.file)
+        if isinstance(cfg.task, C.LongWikiText2Config):
+            _check_long_window(cfg, root)
         from quanteval.methods import METHODS
 
         if cfg.method.quantizes and METHODS[cfg.method.name].needs_calibration:
@@ -249,6 +252,7 @@ def _check_inputs(cfg: C.RunConfig) -> None:
 
             _check_task_data(cfg.task.name, root)
             task_for(cfg.task).limit(cfg)  # no limit for this preset: one line, now
+            _check_task_options(cfg)
         if cfg.runtime == "packed" and cfg.method.quantizes:
             from quanteval.models import resolve_device
             from quanteval_kernels import resolve_backend
@@ -319,6 +323,61 @@ def _check_llmcompressor(cfg: C.RunConfig) -> None:
         venv_python()
     except LLMCompressorError as e:
         raise ValueError(str(e)) from None
+
+
+def _check_long_window(cfg: C.RunConfig, root: Path) -> None:
+    """task=wikitext2_long: its windows fit the model's window, and the file holds them (ValueError)."""
+    import dataclasses
+    import json
+
+    _long_window_cached(json.dumps(dataclasses.asdict(cfg.model), sort_keys=True), str(root), cfg.task.file,
+                        cfg.task.seq_len, cfg.task.n_windows)
+
+
+@lru_cache(maxsize=None)
+def _long_window_cached(model: str, root: str, file: str, seq_len: int, n_windows: int) -> None:
+    import json
+
+    from quanteval.data import data_file
+    from quanteval.models import load_tokenizer, model_config, tokenizer_source
+
+    model_cfg = C.ModelConfig(**json.loads(model))
+    window = getattr(model_config(model_cfg), "max_position_embeddings", None)
+    if window and seq_len > window:
+        raise ValueError(f"task.seq_len={seq_len}: above the model's window (max_position_embeddings={window})")
+    tok = load_tokenizer(tokenizer_source(model_cfg), model_cfg.trust_remote_code)
+    have = len(tok(data_file(Path(root), file).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"])
+    if have < seq_len * n_windows:
+        raise ValueError(f"task.n_windows x task.seq_len = {n_windows * seq_len} tokens, but {file} has only {have}")
+
+
+def _check_task_options(cfg: C.RunConfig) -> None:
+    """A long-context task's options against the model (lengths within its window, a haystack long enough),
+    through the task module's own ``check_options``; ValueError in one line."""
+    import dataclasses
+    import json
+
+    from quanteval_tasks import load_module, task_table
+
+    info = task_table()[cfg.task.name]
+    if info.model_options and hasattr(load_module(info), "check_options"):
+        opts = {**info.options, **dict(cfg.task.options)}
+        _check_options_cached(cfg.task.name, json.dumps(opts, sort_keys=True, default=list),
+                              json.dumps(dataclasses.asdict(cfg.model), sort_keys=True), cfg.data_dir, cfg.preset.name)
+
+
+@lru_cache(maxsize=None)
+def _check_options_cached(task: str, options: str, model: str, data_dir, preset: str) -> None:
+    import json
+
+    from quanteval.models import load_tokenizer, model_config, tokenizer_source
+
+    from quanteval_tasks import load_module, task_table
+
+    model_cfg = C.ModelConfig(**json.loads(model))
+    window = getattr(model_config(model_cfg), "max_position_embeddings", None)
+    tok = load_tokenizer(tokenizer_source(model_cfg), model_cfg.trust_remote_code)
+    load_module(task_table()[task]).check_options(json.loads(options), window, tok, data_dir, preset)
 
 
 @lru_cache(maxsize=None)

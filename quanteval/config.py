@@ -273,6 +273,23 @@ class WikiText2Config(TaskConfig):
 
 
 @dataclass
+class LongWikiText2Config(WikiText2Config):
+    """Long-window fidelity: WikiText-2 windows of ``seq_len`` tokens (the model's context, 8K for SmolLM2),
+    with KL, NLL and same-top-1 by position bucket (0-512, 512-1K, ..., 4-8K). Its own sizes, not the preset's."""
+
+    name: str = "wikitext2_long"
+    seq_len: int = 8192  # tokens per window; at most the model's max_position_embeddings
+    n_windows: int = 2  # windows scored (2 x 8K: about 4 minutes per variant on 2 CPU cores)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for k in ("seq_len", "n_windows"):
+            v = getattr(self, k)
+            _check(isinstance(v, int) and not isinstance(v, bool) and v > 1,
+                   f"task.{k}={v!r}: must be an integer above 1")
+
+
+@dataclass
 class GenerativeTaskConfig(TaskConfig):
     """A generative task defined by ``tasks/<name>.yaml`` (see ``quanteval_tasks``); the CLI registers one
     ``task=<name>`` choice per YAML, with the YAML's options."""

@@ -34,6 +34,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -246,3 +247,48 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> Lo
     provenance["dtype"] = str(dtype).replace("torch.", "")
     provenance["n_params"] = sum(p.numel() for p in model.parameters())
     return LoadedModel(model=model, tokenizer=tok, provenance=provenance)
+
+
+# --------------------------------------------------------------------------- facts without the weights
+
+
+@lru_cache(maxsize=8)
+def gguf_config_tokens(path: str):
+    """A GGUF file's model config (as transformers builds it) and its token list, from the metadata only."""
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    parsed = load_gguf_checkpoint(path, return_tensors=False)
+    conf = dict(parsed["config"])
+    conf.pop("_model_name_or_path", None)
+    return AutoConfig.for_model(**conf), list(parsed["tokenizer"].get("tokens") or []) or None
+
+
+def model_config(cfg: ModelConfig):
+    """``cfg``'s model config without loading its weights (a GGUF file's metadata, or the hub / local config)."""
+    from transformers import AutoConfig
+
+    if cfg.source == "gguf_package":
+        return gguf_config_tokens(str(gguf_path(cfg)))[0]
+    return AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+
+
+def tokenizer_source(cfg: ModelConfig) -> str:
+    """Where ``cfg``'s tokenizer loads from without the weights: the converted folder of a ``gguf_package``
+    model once it exists, else its GGUF file (``load_tokenizer`` reads either), or the hub id / local folder."""
+    if cfg.source == "gguf_package":
+        gguf = gguf_path(cfg)
+        conv = _converted_dir(cfg, gguf)
+        return str(conv) if (conv / "provenance.json").exists() else str(gguf)
+    return str(cfg.name_or_path)
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    """The tokenizer at ``source``: a folder, a hub id, or a ``.gguf`` file (transformers' ``gguf_file=``)."""
+    from transformers import AutoTokenizer
+
+    p = Path(source)
+    if p.suffix == ".gguf" and p.is_file():
+        return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)

@@ -187,6 +187,7 @@ class TaskMeta:
     primary: Optional[str] = None
     binary: Optional[bool] = None
     calibration_domain: tuple[str, ...] = ()  # calibration sets that are in-domain for the task
+    rows_by: Optional[str] = None  # an item tag: the matrix also gets a verdict row per value (needle: length)
 
     @classmethod
     def from_dict(cls, d: Optional[dict]) -> "TaskMeta":

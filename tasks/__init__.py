@@ -25,6 +25,8 @@ the task is in the YAML's ``metadata.quanteval`` block (lm-eval ignores it), rea
           presets: {smoke: {limit: 2, max_new_tokens: 32}, default: {...}, full: {...}}
           charts: [{by_tag: k}, {kl_by_position: true}]   # extra report charts
           calibration_domain: [gsm8k]  # calibrating on these sets is in-domain for this task (report marks it)
+          model_options: true      # give the loader the model's tokenizer, window and preset (long context)
+          rows_by: length          # the report's matrix also gets a verdict row per value of this tag
 
 >>> table = task_table()
 >>> table["gsm8k"].kind, table["gsm8k"].sizes("default")
@@ -64,6 +66,10 @@ class TaskInfo:
     presets: dict[str, dict[str, int]] = field(default_factory=dict)  # preset -> {limit, max_new_tokens}
     charts: tuple[dict, ...] = ()
     calibration_domain: tuple[str, ...] = ()  # calibration sets that are this task's own domain
+    # the loader is given the model's tokenizer (option ``tokenizer``: a folder or .gguf file), context window
+    # (``window``) and the preset's name (``preset``): items sized in the model's own tokens (needle, var_track)
+    model_options: bool = False
+    rows_by: Optional[str] = None  # an item tag: the report's matrix gets a verdict row per value of it
 
     def sizes(self, preset: str) -> tuple[Optional[int], Optional[int]]:
         """(items, token cap) for a preset name; a preset the task does not list takes its ``default``."""
@@ -73,7 +79,8 @@ class TaskInfo:
     def to_json(self) -> dict:
         """What a run record keeps of its task (so a report needs no task files)."""
         return {"kind": self.kind, "licence": self.licence, "charts": list(self.charts),
-                "primary": self.primary, "binary": self.binary, "calibration_domain": list(self.calibration_domain)}
+                "primary": self.primary, "binary": self.binary, "calibration_domain": list(self.calibration_domain),
+                **({"rows_by": self.rows_by} if self.rows_by else {})}
 
 
 def task_dirs() -> list[Path]:
@@ -142,7 +149,8 @@ def read_info(path: Path) -> TaskInfo:
         limit_per=(lp["tag"], lp["option"]) if lp else None,
         options={o: meta[o] for o in s.get("options") or []},
         presets={k: dict(v or {}) for k, v in presets.items()}, charts=tuple(s.get("charts") or ()),
-        calibration_domain=tuple(s.get("calibration_domain") or ()))
+        calibration_domain=tuple(s.get("calibration_domain") or ()), model_options=bool(s.get("model_options")),
+        rows_by=s.get("rows_by"))
 
 
 @lru_cache(maxsize=8)

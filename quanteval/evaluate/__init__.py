@@ -102,19 +102,28 @@ class WikiText2:
     def __init__(self, task_config=None):
         self.config = task_config
 
+    @staticmethod
+    def sizes(cfg) -> tuple[int, int]:
+        """(n_windows, seq_len): the task's own (``task=wikitext2_long``), else the preset's."""
+        t = cfg.task
+        return getattr(t, "n_windows", None) or cfg.preset.n_windows, getattr(t, "seq_len", None) or cfg.preset.seq_len
+
     def preset_settings(self, cfg) -> dict:
-        return {"n_windows": cfg.preset.n_windows, "seq_len": cfg.preset.seq_len}
+        n_windows, seq_len = self.sizes(cfg)
+        return {"n_windows": n_windows, "seq_len": seq_len}
 
     def task_meta(self) -> dict:
-        return {"kind": "language modelling", "licence": "WikiText-2, CC BY-SA 3.0.", "charts": []}
+        long = getattr(self.config, "name", "wikitext2") == "wikitext2_long"
+        return {"kind": "long context" if long else "language modelling", "licence": "WikiText-2, CC BY-SA 3.0.",
+                "charts": [{"kl_by_position_bucket": True}] if long else []}
 
-    @staticmethod
-    def _windows(ctx: TaskContext):
+    @classmethod
+    def _windows(cls, ctx: TaskContext):
         from quanteval.evaluate import fidelity
 
-        p = ctx.cfg.preset
+        n_windows, seq_len = cls.sizes(ctx.cfg)
         path = data_file(ctx.data_root, ctx.cfg.task.file)
-        return _windows_cached(fidelity.make_windows, ctx.loaded.tokenizer, path, p.n_windows, p.seq_len)
+        return _windows_cached(fidelity.make_windows, ctx.loaded.tokenizer, path, n_windows, seq_len)
 
     def cache_paths(self, ctx: TaskContext) -> list[Path]:
         return [self._baseline_path(ctx)]
@@ -123,9 +132,9 @@ class WikiText2:
     def _baseline_path(ctx: TaskContext) -> Path:
         import quanteval
 
+        n_windows, seq_len = WikiText2.sizes(ctx.cfg)
         key = results.run_key({"model": ctx.model_key, "file": ctx.cfg.task.file, "top_k": ctx.cfg.task.top_k,
-                               "n_windows": ctx.cfg.preset.n_windows, "seq_len": ctx.cfg.preset.seq_len,
-                               "quanteval": quanteval.__version__})
+                               "n_windows": n_windows, "seq_len": seq_len, "quanteval": quanteval.__version__})
         return ctx.cache_dir / "baseline" / f"wikitext2-{key}.pt"
 
     def baseline(self, ctx: TaskContext) -> None:
@@ -144,6 +153,9 @@ class WikiText2:
         base = fidelity.BaselineStats.load(self._baseline_path(ctx))
         metrics = fidelity.compare(ctx.loaded.model, self._windows(ctx), base)
         per_window = metrics.pop("per_window")
+        for label, b in (metrics.get("by_position") or {}).items():  # a row per bucket, with per-window CIs
+            per_window[f"kl_mean@{label}"] = b.pop("kl_mean_per_window")
+            metrics[f"kl_mean@{label}"] = b["kl_mean"]
         return TaskResult(metrics=metrics, per_window=per_window)
 
 

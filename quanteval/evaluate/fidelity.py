@@ -24,7 +24,13 @@ Baseline cache
 
 Memory
     One window at a time, and the (positions x vocab) log-softmax in chunks of
-    ``CHUNK`` positions, so Gemma's 262k vocabulary fits.
+    ``CHUNK`` positions, so Gemma's 262k vocabulary fits. Past ``LONG`` tokens (the long-window task,
+    ``task=wikitext2_long``) the logits themselves are made chunk by chunk from the hidden states.
+
+Long windows
+    With windows longer than 512 tokens, ``compare`` also reports KL, NLL and same-top-1 by position
+    bucket (0-512, 512-1K, 1-2K, 2-4K, 4-8K, ...): whether quantisation error grows with distance into
+    the context. Per-window bucket means are kept for paired CIs.
 """
 
 from __future__ import annotations
@@ -71,11 +77,55 @@ class BaselineStats:
         return cls(**torch.load(path, weights_only=True))
 
 
-def _logits(model, window: torch.Tensor) -> torch.Tensor:
-    """Logits predicting tokens 1..L-1 of one window: (P, V) float32."""
+LONG = 2048  # windows longer than this get their logits chunk by chunk (_ChunkedLogits)
+POSITION_EDGES = (0, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)  # by-position buckets
+
+
+class _ChunkedLogits:
+    """A long window's logits, made ``CHUNK`` positions at a time from the decoder's hidden states by the
+    model's own output head: at 8K positions the full (P, V) float32 logits of SmolLM2 are 1.6 GB.
+    Sliced like a tensor (``[s:e]``); ``shape[0]`` is P."""
+
+    def __init__(self, model, window: torch.Tensor):
+        device = next(model.parameters()).device
+        out = model.get_decoder()(input_ids=window[None].to(device), use_cache=False)
+        self.hidden = out.last_hidden_state[0, :-1]  # (P, H)
+        self.head = model.get_output_embeddings()
+        self.cap = getattr(model.config, "final_logit_softcapping", None)
+        self.shape = (self.hidden.shape[0], self.head.weight.shape[0])
+        self.device = self.hidden.device
+
+    def __getitem__(self, sl: slice) -> torch.Tensor:
+        logits = self.head(self.hidden[sl]).float()
+        if self.cap:
+            logits = torch.tanh(logits / self.cap) * self.cap
+        return logits
+
+
+def _logits(model, window: torch.Tensor):
+    """Logits predicting tokens 1..L-1 of one window: (P, V) float32 (chunked past ``LONG`` tokens)."""
+    if window.shape[0] > LONG:
+        return _ChunkedLogits(model, window)
     device = next(model.parameters()).device
     out = model(input_ids=window[None].to(device), use_cache=False)
     return out.logits[0, :-1].float()  # (P, V)
+
+
+def position_buckets(n_positions: int) -> list[tuple[str, int, int]]:
+    """The by-position buckets of a window of ``n_positions`` predictions: (label, start, end).
+
+    >>> position_buckets(1023)
+    [('0-512', 0, 512), ('512-1K', 512, 1023)]
+    """
+    def k(v: int) -> str:
+        return f"{v // 1024}K" if v >= 1024 else str(v)
+
+    out = []
+    for lo, hi in zip(POSITION_EDGES, POSITION_EDGES[1:]):
+        if lo >= n_positions:
+            break
+        out.append((f"{k(lo)}-{k(hi)}", lo, min(hi, n_positions)))
+    return out
 
 
 def _tail_logp(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -143,6 +193,15 @@ def compare(model, windows: torch.Tensor, base: BaselineStats) -> dict:
     kl = torch.cat(kl_all).double()
     nll = torch.cat(nll_all).double()
     n_win, per = windows.shape[0], windows.shape[1] - 1
+    extra = {}
+    buckets = position_buckets(per)
+    if len(buckets) > 1:  # long windows: does the error grow with distance into the context?
+        kl_w, nll_w = kl.view(n_win, per), nll.view(n_win, per)
+        same_w = torch.cat(same_all).double().view(n_win, per)
+        extra["by_position"] = {label: {"kl_mean": float(kl_w[:, a:b].mean()), "nll_mean": float(nll_w[:, a:b].mean()),
+                                        "same_top1": float(same_w[:, a:b].mean()), "n_tokens": n_win * (b - a),
+                                        "kl_mean_per_window": kl_w[:, a:b].mean(1).tolist()}
+                                for label, a, b in buckets}
     return {
         "ppl": float(nll.mean().exp()),
         "kl_mean": float(kl.mean()),
@@ -160,6 +219,7 @@ def compare(model, windows: torch.Tensor, base: BaselineStats) -> dict:
             "kl_mean": kl.view(n_win, per).mean(1).tolist(),
             "same_top1": torch.cat(same_all).double().view(n_win, per).mean(1).tolist(),
         },
+        **extra,
     }
 
 

@@ -109,7 +109,8 @@ def load_spec(name: str, data_root: Path, limit: int, max_new_tokens: int | None
     opts = dict(options)
     if info.limit_per:
         opts[info.limit_per[1]] = limit
-    task = _load_lm_task(name, str(data_root), tuple(sorted(opts.items())))
+    hashable = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in opts.items()))
+    task = _load_lm_task(name, str(data_root), hashable)
     module = load_module(info)
     docs = [dict(d) for d in task.test_docs()]
     if not docs:
@@ -326,10 +327,24 @@ class GenerativeTask:
                              f"preset.limits.{self.name}, or sweep.presets.{cfg.preset.name} in {self.info.yaml.name}")
         return limit
 
+    def options(self, cfg, tokenizer=None) -> dict:
+        """The loader's options: ``task.options``, and for a task sized in the model's tokens
+        (``sweep.model_options``) the model's tokenizer, window and the preset's name."""
+        opts = dict(cfg.task.options)
+        if self.info.model_options:
+            from quanteval.models import model_config, tokenizer_source
+
+            src = getattr(tokenizer, "name_or_path", None) if tokenizer is not None else None
+            opts["tokenizer"] = src if src and Path(src).exists() else tokenizer_source(cfg.model)
+            opts["window"] = getattr(model_config(cfg.model), "max_position_embeddings", None)
+            opts["preset"] = cfg.preset.name
+        return opts
+
     def spec(self, ctx) -> TaskSpec:
         cfg = ctx.cfg
         cap = cfg.task.max_new_tokens or self.preset_sizes(cfg.preset)[1]
-        spec = load_spec(self.name, ctx.data_root, self.limit(cfg), cap, dict(cfg.task.options))
+        tok = ctx.loaded.tokenizer if ctx.loaded is not None else None
+        spec = load_spec(self.name, ctx.data_root, self.limit(cfg), cap, self.options(cfg, tok))
         check_metrics(spec)
         return spec
 

@@ -44,6 +44,7 @@ import torch
 
 from quanteval.artifacts import FLOAT_TYPES, Artifact, ArtifactError, gguf_reader, inspect, weight_files
 from quanteval.methods import QuantResult
+from quanteval.models import gguf_config_tokens
 from quanteval.primitives import FormatQuant, exact_float
 
 log = logging.getLogger(__name__)
@@ -115,24 +116,12 @@ def base_facts(model_cfg):
     if model_cfg.source == "gguf_package":
         from quanteval.models import gguf_path
 
-        config, tokens = _gguf_config_tokens(str(gguf_path(model_cfg)))
+        config, tokens = gguf_config_tokens(str(gguf_path(model_cfg)))
         return config, tokens
     path = model_cfg.name_or_path
     config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
     return config, tok.convert_ids_to_tokens(list(range(len(tok))))
-
-
-@lru_cache(maxsize=8)
-def _gguf_config_tokens(path: str):
-    """A GGUF file's model config (as transformers builds it) and its token list, from the metadata only."""
-    from transformers import AutoConfig
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    parsed = load_gguf_checkpoint(path, return_tensors=False)
-    conf = dict(parsed["config"])
-    conf.pop("_model_name_or_path", None)
-    return AutoConfig.for_model(**conf), list(parsed["tokenizer"].get("tokens") or []) or None
 
 
 def meta_shapes(config) -> dict[str, tuple]:
@@ -147,7 +136,7 @@ def meta_shapes(config) -> dict[str, tuple]:
 def artifact_facts(artifact: Artifact, base_conf):
     """The artifact's config, token list (None when it has none) and tensor shapes by the model's names."""
     if artifact.kind == "gguf":
-        config, tokens = _gguf_config_tokens(artifact.path)
+        config, tokens = gguf_config_tokens(artifact.path)
         shapes = {hf: shape for _, hf, _, shape, _ in gguf_tensors(artifact, base_conf) if hf is not None}
         return config, tokens, shapes
     from transformers import AutoConfig
@@ -177,7 +166,7 @@ def gguf_tensors(artifact: Artifact, base_conf) -> list[tuple]:
     st = Path(artifact.path).stat()
     reader = gguf_reader(artifact.path, st.st_size, st.st_mtime_ns)
     arch = str(reader.fields["general.architecture"].contents())
-    art_conf, _ = _gguf_config_tokens(artifact.path)
+    art_conf, _ = gguf_config_tokens(artifact.path)
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(base_conf)
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=art_conf.to_dict())

@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 LABELS = ("survives", "survives?", "degrades?", "degrades", "collapses?", "collapses")
 WIKITEXT2 = TaskMeta(kind="language modelling", licence="WikiText-2, CC BY-SA 3.0.")  # the one built-in task
+FIDELITY_TASKS = ("wikitext2", "wikitext2_long")  # scored over windows against the baseline (per-window CIs)
 
 
 @dataclass
@@ -171,7 +172,7 @@ def task_meta(rec: RunRecord) -> TaskMeta:
     """
     if rec.task_meta is not None:
         return rec.task_meta
-    if rec.task == "wikitext2":
+    if rec.task in FIDELITY_TASKS:
         return WIKITEXT2
     info = task_table().get(rec.task)
     return TaskMeta.from_dict(info.to_json()) if info else TaskMeta()
@@ -257,7 +258,42 @@ def _task_cells(model: str, task: str, members: list[RunData], t: Thresholds, si
             _fill(cell, r, base, t)
             cell.in_domain = in_domain_calibration(r.rec)
             cells.append(cell)
+        tag = task_meta(r.rec).rows_by
+        primary = r.rec.primary_metric
+        if tag and primary and r.items and r.rec.status == "ok":  # a verdict row per tag value (needle: length)
+            for value in sorted({str((it.get("tags") or {}).get(tag)) for it in r.items}, key=_number_first):
+                sub, sub_base = subset(r, tag, value, primary), (subset(base, tag, value, primary) if base else None)
+                cell = Cell(model=model, row=f"{task}: {primary} at {tag}={value}" + suffix, metric=primary,
+                            task=task, kind="quality", decides=False, group=sig, **_variant(r.rec))
+                _fill(cell, sub, sub_base, t)
+                cells.append(cell)
     return cells
+
+
+def _number_first(v: str):
+    try:
+        return (0, float(v), "")
+    except ValueError:
+        return (1, 0.0, v)
+
+
+def subset(r: RunData, tag: str, value: str, primary: str) -> RunData:
+    """``r`` restricted to its items whose ``tag`` is ``value``: the primary mean, teacher-forced KL and flips
+    recomputed over them (a per-length row of needle)."""
+    from dataclasses import replace
+
+    items = [it for it in (r.items or []) if str((it.get("tags") or {}).get(tag)) == value]
+    m: dict = {"n_items": len(items)}
+    if items:
+        m[primary] = float(np.mean([primary_value(it, primary) for it in items]))
+        tf = [it["tf"] for it in items if it.get("tf")]
+        if tf:
+            m["tf_kl_mean"] = sum(x["kl_mean"] * x["n_tokens"] for x in tf) / max(sum(x["n_tokens"] for x in tf), 1)
+        if "flips_lost" in r.rec.metrics:
+            m["flips_lost"] = sum(it.get("flip") == "lost" for it in items)
+            m["flips_gained"] = sum(it.get("flip") == "gained" for it in items)
+            m["flip_rate"] = (m["flips_lost"] + m["flips_gained"]) / len(items)
+    return RunData(rec=replace(r.rec, metrics=m), items=items, path=r.path)
 
 
 def in_domain_calibration(rec: RunRecord) -> str:
@@ -277,6 +313,10 @@ def _rows(task: str, rec: RunRecord, base: Optional[RunRecord]) -> list[tuple[st
     if task == "wikitext2":
         return [("wikitext2: perplexity", "ppl", "quality", False), ("wikitext2: mean KL", "kl_mean", "kl", True),
                 ("wikitext2: same top-1", "same_top1", "top1", False)]
+    if task in FIDELITY_TASKS:  # long windows: the whole window's KL decides; a row per position bucket shows where
+        buckets = [k.split("@", 1)[1] for k in (rec.metrics or (base.metrics if base else {})) if k.startswith("kl_mean@")]
+        return [(f"{task}: perplexity", "ppl", "quality", False), (f"{task}: mean KL", "kl_mean", "kl", True),
+                *[(f"{task}: mean KL at {b}", f"kl_mean@{b}", "kl", False) for b in buckets]]
     primary = rec.primary_metric or (base.primary_metric if base else None)
     if primary:
         # a primary that only measures agreement with the baseline's answer (mt_bench's ROUGE-L to it) is not
@@ -308,7 +348,7 @@ def _fill(cell: Cell, r: RunData, base: Optional[RunData], t: Thresholds) -> Non
         cell.value = _value(cell, rec)
         return
     cell.value, cell.base_value = _value(cell, rec), _value(cell, base.rec)
-    if cell.task == "wikitext2":
+    if cell.task in FIDELITY_TASKS:
         _fill_windows(cell, rec, base.rec, t)
     else:
         _fill_items(cell, r, base, t)

@@ -10,7 +10,11 @@ Per model:
   every variant a point, the Pareto frontier drawn through the best;
 - the charts a task asks for in its YAML (``sweep.charts``, carried in each run's ``task_meta``):
   ``{by_tag: k}``: the primary metric by the values of item tag ``k`` (from the run's ``breakdown``), one
-  line per variant; ``{kl_by_position: true}``: mean teacher-forced KL by position along the texts.
+  line per variant (with Wilson 95% bands for a 0/1 primary; a log-2 axis for context lengths);
+  ``{kl_by_position: true}``: mean teacher-forced KL by position along the texts;
+  ``{heatmap: [depth, length]}``: the primary metric on a grid of two item tags, one panel per variant
+  beside the baseline's (needle); ``{kl_by_position_bucket: true}``: long-window KL by position bucket
+  (``task=wikitext2_long``).
   Their files are ``<task>_by_<tag>__<model>`` and ``<task>_kl_pos__<model>``, except that arith_chain's
   by-steps chart keeps the name the README links to, ``arith_steps__<model>``; ``BUILT_IN`` keeps that
   name and the old titles and captions of arith_chain's and gsm8k's charts.
@@ -33,6 +37,7 @@ from matplotlib.figure import Figure
 from quanteval.formats import family
 from quanteval.report.cells import Cell, RunData
 from quanteval.results import RunRecord, TaskMeta
+from quanteval.results import primary_value as results_primary
 from quanteval.thresholds import Thresholds
 
 log = logging.getLogger(__name__)
@@ -151,8 +156,13 @@ def write_charts(cells: list[Cell], runs: list[RunData], out: Path, t: Threshold
                     _by_tag(model, task, str(hint["by_tag"]), truns, out, charts)
                 elif hint.get("kl_by_position"):
                     _kl_positions(model, task, truns, out, charts)
+                elif "heatmap" in hint:
+                    _heatmap(model, task, [str(x) for x in hint["heatmap"]], truns, out, charts)
+                elif hint.get("kl_by_position_bucket"):
+                    _kl_buckets(model, task, truns, out, charts)
                 else:
-                    log.warning("%s: chart hint %s is not one the report draws (by_tag, kl_by_position)", task, hint)
+                    log.warning("%s: chart hint %s is not one the report draws (by_tag, kl_by_position, heatmap, "
+                                "kl_by_position_bucket)", task, hint)
     return charts
 
 
@@ -304,10 +314,91 @@ def _by_tag(model: str, task: str, tag: str, runs: list[RunData], out: Path, cha
         color = METHOD_COLORS["none"] if v.method == "none" else BIT_COLORS.get(v.bits, "#9467bd")
         style = {"none": "--", "rtn": "-", "gptq": "-.", "awq": ":"}.get(v.method, "-")
         ax.plot(xs, ys, marker="o", color=color, linestyle=style, label=v.label)
+        ns = [(rec.breakdown[tag].get(k) or {}).get("n") for _, k in _tag_values(rec.breakdown[tag])]
+        if all(isinstance(n, int) and n > 0 for n in ns) and all(y is not None and 0 <= y <= 1 for y in ys):
+            lo_hi = [wilson(y, n) for y, n in zip(ys, ns)]  # a 0/1 primary: Wilson 95% intervals
+            ax.fill_between(xs, [a for a, _ in lo_hi], [b for _, b in lo_hi], color=color, alpha=0.08)
+    if all(isinstance(x, int) for x in series[0][1]) and max(series[0][1]) >= 1024:
+        ax.set_xscale("log", base=2)  # context lengths: 1K, 2K, 4K, ...
     ax.set(title=f"{model} — {w.title}", xlabel=w.xlabel, ylabel=w.ylabel)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     _save(fig, out, f"{w.stem}__{_slug(model)}", f"{w.caption} ({model})", charts)
+
+
+def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson's 95% interval for a proportion ``p`` of ``n`` items.
+
+    >>> [round(v, 3) for v in wilson(0.5, 4)]
+    [0.15, 0.85]
+    """
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * float(np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / d
+    return max(0.0, c - h), min(1.0, c + h)
+
+
+def _heatmap(model: str, task: str, tags: list[str], runs: list[RunData], out: Path, charts: list[Chart]) -> None:
+    """The primary metric on a grid of two item tags (needle: depth x length), one panel per variant, the
+    baseline's first; each square's count of items is printed in it."""
+    ytag, xtag = tags[0], tags[1]
+    panels = []
+    for r in sorted(runs, key=lambda r: (r.rec.variant.method != "none", -_effective_bits(r.rec))):
+        primary = r.rec.primary_metric
+        if not r.items or not primary:
+            continue
+        cells: dict[tuple[str, str], list[float]] = {}
+        for it in r.items:
+            tg = it.get("tags") or {}
+            cells.setdefault((str(tg.get(ytag)), str(tg.get(xtag))), []).append(results_primary(it, primary))
+        panels.append((r.rec.variant.label, cells))
+    if not panels:
+        return
+    ys = [k for _, k in _tag_values({k[0] for _, c in panels for k in c})]
+    xs = [k for _, k in _tag_values({k[1] for _, c in panels for k in c})]
+    ncol = min(4, len(panels))
+    nrow = -(-len(panels) // ncol)
+    fig = Figure(figsize=(3.2 * ncol, 2.8 * nrow))
+    for i, (label, cells) in enumerate(panels):
+        ax = fig.add_subplot(nrow, ncol, i + 1)
+        grid = np.full((len(ys), len(xs)), np.nan)
+        for (yv, xv), vals in cells.items():
+            grid[ys.index(yv), xs.index(xv)] = float(np.mean(vals))
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+        for (yv, xv), vals in cells.items():
+            ax.text(xs.index(xv), ys.index(yv), str(len(vals)), ha="center", va="center", fontsize=6)
+        ax.set_xticks(range(len(xs)), xs, fontsize=6)
+        ax.set_yticks(range(len(ys)), ys, fontsize=6)
+        ax.set_title(label, fontsize=8)
+        ax.set_xlabel(xtag, fontsize=7)
+        ax.set_ylabel(ytag, fontsize=7)
+    fig.colorbar(im, ax=fig.axes, shrink=0.8, label="accuracy")
+    fig.suptitle(f"{model} — {task}: accuracy by {ytag} and {xtag} (numbers: items per square)")
+    _save(fig, out, f"{_slug(task)}_{_slug(ytag)}_x_{_slug(xtag)}__{_slug(model)}",
+          f"{task} accuracy by {ytag} x {xtag}, each variant beside the baseline ({model})", charts)
+
+
+def _kl_buckets(model: str, task: str, runs: list[RunData], out: Path, charts: list[Chart]) -> None:
+    """Long-window fidelity: mean KL by position bucket along the window, one line per variant."""
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    labels: list[str] = []
+    for r in sorted(runs, key=lambda r: -_effective_bits(r.rec)):
+        v, byp = r.rec.variant, r.rec.metrics.get("by_position") or {}
+        if v.method == "none" or not byp:
+            continue
+        labels = list(byp) if len(byp) > len(labels) else labels
+        ax.plot(range(len(byp)), [b["kl_mean"] for b in byp.values()], marker=method_marker(v.method),
+                color=method_color(v.method), linestyle={8: ":", 4: "-", 3: "--", 2: "-."}.get(v.bits, "-"), label=v.label)
+    if not labels:
+        return
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yscale("log")
+    ax.set(title=f"{model} — {task}: KL by position in the window", xlabel="token position (bucket)", ylabel=KL_NATS)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, out, f"{_slug(task)}_kl_by_position__{_slug(model)}",
+          f"Mean KL to the baseline by position along long WikiText-2 windows ({model})", charts)
 
 
 def _kl_positions(model: str, task: str, runs: list[RunData], out: Path, charts: list[Chart]) -> None:
