@@ -320,6 +320,9 @@ def _by_tag(model: str, task: str, tag: str, runs: list[RunData], out: Path, cha
             ax.fill_between(xs, [a for a, _ in lo_hi], [b for _, b in lo_hi], color=color, alpha=0.08)
     if all(isinstance(x, int) for x in series[0][1]) and max(series[0][1]) >= 1024:
         ax.set_xscale("log", base=2)  # context lengths: 1K, 2K, 4K, ...
+        xs = sorted({x for s in series for x in s[1]})
+        ax.set_xticks(xs, [f"{x // 1024}K" if x >= 1024 and x % 1024 == 0 else str(x) for x in xs])
+        ax.minorticks_off()
     ax.set(title=f"{model} — {w.title}", xlabel=w.xlabel, ylabel=w.ylabel)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
