@@ -35,7 +35,8 @@ Semantics (those of lm-eval's ``HFLM.generate_until``, so scores match):
 
 ``batch_size="auto"`` sizes the batch from the KV cache each row needs and the
 memory free on the device (``auto_batch_size``); on CUDA an out-of-memory
-error halves it and retries.
+error halves it and retries. One prefill takes at most ``PREFILL_BUDGET`` rows x width² (one 8K prompt,
+two 4K ones on a CPU); the decode batch is refilled from the queue as before.
 
 Text is decoded with ``skip_special_tokens=True``; bytes that are not valid
 UTF-8 (a byte-level BPE model can emit half a character) come back as
@@ -57,6 +58,10 @@ log = logging.getLogger(__name__)
 
 CPU_MAX_BATCH = 32  # a 2-core CPU gains little past this (tokens/s: bs 8 ~41, 16 ~66, 32 ~83 on SmolLM2)
 CUDA_MAX_BATCH = 256
+# one prefill call holds at most rows x width^2 <= this (left-padded rows, attention quadratic in width):
+# 32 prompts of 1K tokens, but 2 of 4K and 1 of 8K (long-context tasks), which 8 left-padded 8K rows
+# would take minutes and gigabytes for. Prompts of the short tasks (< 1K tokens) are never split by it.
+PREFILL_BUDGET = {"cpu": 32 * 1024**2, "cuda": 256 * 2048**2}
 
 
 @dataclass
@@ -303,6 +308,12 @@ class _Engine:
         return self.out  # type: ignore[return-value]
 
     def _take(self, n: int) -> list[int]:
+        """Up to ``n`` prompts from the queue (longest first), as many as one prefill's budget holds."""
+        if not self.queue:
+            return []
+        width = len(self.encoded[self.queue[0]])
+        budget = PREFILL_BUDGET["cuda" if self.device.type == "cuda" else "cpu"]
+        n = max(1, min(n, budget // max(width * width, 1)))
         taken, self.queue = self.queue[:n], self.queue[n:]
         return taken
 
