@@ -375,6 +375,7 @@ def _heatmap(model: str, task: str, tags: list[str], runs: list[RunData], out: P
         ax.set_title(label, fontsize=8)
         ax.set_xlabel(xtag, fontsize=7)
         ax.set_ylabel(ytag, fontsize=7)
+    fig.subplots_adjust(hspace=0.55, wspace=0.35)
     fig.colorbar(im, ax=fig.axes, shrink=0.8, label="accuracy")
     fig.suptitle(f"{model} — {task}: accuracy by {ytag} and {xtag} (numbers: items per square)")
     _save(fig, out, f"{_slug(task)}_{_slug(ytag)}_x_{_slug(xtag)}__{_slug(model)}",
