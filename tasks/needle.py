@@ -74,6 +74,14 @@ def check_lengths(lengths) -> list[int]:
     return out
 
 
+def check_window(lengths: list[int], window: int | None) -> None:
+    """ValueError naming the first length above the model's window (``max_position_embeddings``)."""
+    over = [n for n in lengths if window and n > window]
+    if over:
+        raise ValueError(f"task.options.lengths: {over[0]} tokens is above the model's window "
+                         f"(max_position_embeddings={window})")
+
+
 @lru_cache(maxsize=2)
 def haystack_words(data_dir: str | None) -> tuple[str, ...]:
     from quanteval.data import data_file, resolve_data_dir
@@ -94,11 +102,7 @@ def check_options(options: dict, window: int | None, tok, data_dir: str | None, 
     """Before any work: lengths are positive integers, within the model's window, and the haystack holds
     the longest (ValueError in one line)."""
     lengths = resolve_lengths(options.get("lengths", "auto"), window, preset)
-    if window:
-        over = [n for n in lengths if n > window]
-        if over:
-            raise ValueError(f"task.options.lengths: {over[0]} tokens is above the model's window "
-                             f"(max_position_embeddings={window})")
+    check_window(lengths, window)
     words = haystack_words(data_dir)
     have = len(tok(" ".join(words[: 2 * max(lengths)]))["input_ids"])
     if have < max(lengths):

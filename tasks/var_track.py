@@ -17,17 +17,12 @@ from __future__ import annotations
 import random
 
 from quanteval_tasks.common import to_dataset
-from quanteval_tasks.needle import check_lengths, prompt_tokens
+from quanteval_tasks.needle import check_lengths, check_window, prompt_tokens
 
 
 def check_options(options: dict, window: int | None, tok, data_dir: str | None, preset: str | None = None) -> None:
     """Lengths are positive integers within the model's window; hops are positive integers (ValueError)."""
-    lengths = check_lengths(options.get("lengths", [2048]))
-    if window:
-        over = [n for n in lengths if n > window]
-        if over:
-            raise ValueError(f"task.options.lengths: {over[0]} tokens is above the model's window "
-                             f"(max_position_embeddings={window})")
+    check_window(check_lengths(options.get("lengths", [2048])), window)
     for h in options.get("hops", [1, 2, 4]):
         if isinstance(h, bool) or not isinstance(h, int) or h <= 0:
             raise ValueError(f"task.options.hops: {h!r} is not a positive integer")
