@@ -325,6 +325,17 @@ def _check_llmcompressor(cfg: C.RunConfig) -> None:
         raise ValueError(str(e)) from None
 
 
+def _model_window_tokenizer(model: str):
+    """A model config (as JSON), its ``max_position_embeddings`` and its tokenizer, without its weights."""
+    import json
+
+    from quanteval.models import load_tokenizer, model_config, tokenizer_source
+
+    model_cfg = C.ModelConfig(**json.loads(model))
+    window = getattr(model_config(model_cfg), "max_position_embeddings", None)
+    return model_cfg, window, load_tokenizer(tokenizer_source(model_cfg), model_cfg.trust_remote_code)
+
+
 def _check_long_window(cfg: C.RunConfig, root: Path) -> None:
     """task=wikitext2_long: its windows fit the model's window, and the file holds them (ValueError)."""
     import dataclasses
@@ -336,16 +347,11 @@ def _check_long_window(cfg: C.RunConfig, root: Path) -> None:
 
 @lru_cache(maxsize=None)
 def _long_window_cached(model: str, root: str, file: str, seq_len: int, n_windows: int) -> None:
-    import json
-
     from quanteval.data import data_file
-    from quanteval.models import load_tokenizer, model_config, tokenizer_source
 
-    model_cfg = C.ModelConfig(**json.loads(model))
-    window = getattr(model_config(model_cfg), "max_position_embeddings", None)
+    _, window, tok = _model_window_tokenizer(model)
     if window and seq_len > window:
         raise ValueError(f"task.seq_len={seq_len}: above the model's window (max_position_embeddings={window})")
-    tok = load_tokenizer(tokenizer_source(model_cfg), model_cfg.trust_remote_code)
     have = len(tok(data_file(Path(root), file).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"])
     if have < seq_len * n_windows:
         raise ValueError(f"task.n_windows x task.seq_len = {n_windows * seq_len} tokens, but {file} has only {have}")
@@ -368,15 +374,9 @@ def _check_task_options(cfg: C.RunConfig) -> None:
 
 @lru_cache(maxsize=None)
 def _check_options_cached(task: str, options: str, model: str, data_dir, preset: str) -> None:
-    import json
-
-    from quanteval.models import load_tokenizer, model_config, tokenizer_source
-
     from quanteval_tasks import load_module, task_table
 
-    model_cfg = C.ModelConfig(**json.loads(model))
-    window = getattr(model_config(model_cfg), "max_position_embeddings", None)
-    tok = load_tokenizer(tokenizer_source(model_cfg), model_cfg.trust_remote_code)
+    _, window, tok = _model_window_tokenizer(model)
     load_module(task_table()[task]).check_options(json.loads(options), window, tok, data_dir, preset)
 
 

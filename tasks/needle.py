@@ -110,6 +110,21 @@ def check_options(options: dict, window: int | None, tok, data_dir: str | None, 
                          f"longest length, {max(lengths)} tokens")
 
 
+def fit(make, tok, length: int, lo: int, hi: int):
+    """The item ``make(k)`` for the largest ``k`` in ``[lo, hi]`` whose prompt (``make(k)[0]``) fits in ``length``
+    tokens, and its token count; None when none does (binary search: the prompt grows with ``k``)."""
+    best = None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        item = make(mid)
+        n = prompt_tokens(tok, item[0])
+        if n <= length:
+            lo, best = mid, (item, n)
+        else:
+            hi = mid - 1
+    return best
+
+
 def _item(prepare_niah, template, words, tok, length: int, n_keys: int, seed: int) -> dict:
     """One RULER item whose prompt is as long as fits in ``length`` tokens."""
     def make(n_words: int):
@@ -123,19 +138,10 @@ def _item(prepare_niah, template, words, tok, length: int, n_keys: int, seed: in
         finally:
             random.setstate(state)
 
-    lo, hi = 0, 2 * length  # words: the largest n_words whose prompt fits
-    best = None
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        text, answers, query = make(mid)
-        n = prompt_tokens(tok, text)
-        if n <= length:
-            lo, best = mid, (text, answers, query, n)
-        else:
-            hi = mid - 1
+    best = fit(make, tok, length, 0, 2 * length)  # haystack words
     if best is None:
         raise ValueError(f"task needle: length {length} leaves no room for the question and its needles")
-    text, answers, query, n = best
+    (text, answers, query), n = best
     needle = text.find(answers[0])
     start = text.find("\n") + 1  # the context follows the template's first line
     end = text.rfind("\nWhat ")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 
 from quanteval_tasks.common import to_dataset
-from quanteval_tasks.needle import check_lengths, check_window, prompt_tokens
+from quanteval_tasks.needle import check_lengths, check_window, fit, prompt_tokens
 
 
 def check_options(options: dict, window: int | None, tok, data_dir: str | None, preset: str | None = None) -> None:
@@ -41,21 +41,12 @@ def _item(vt, tok, length: int, hops: int, seed: int) -> dict:
             random.setstate(state)
             np.random.set_state(np_state)
 
-    lo, hi, best = 1, length, None
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        text, answers = make(mid)
-        n = prompt_tokens(tok, text)
-        if n <= length:
-            lo, best = mid, (text, answers, n)
-        else:
-            hi = mid - 1
+    best = fit(make, tok, length, 1, length)  # filler sentences
     if best is None:
-        text, answers = make(1)
-        best = (text, answers, prompt_tokens(tok, text))
-        if best[2] > length:
+        best = (make(1), prompt_tokens(tok, make(1)[0]))
+        if best[1] > length:
             raise ValueError(f"task var_track: length {length} leaves no room for {hops} hops")
-    text, answers, n = best
+    (text, answers), n = best
     return {"text": text, "answers": list(answers), "n_tokens": n}
 
 
