@@ -374,6 +374,8 @@ def _check_task_options(cfg: C.RunConfig) -> None:
 
 @lru_cache(maxsize=None)
 def _check_options_cached(task: str, options: str, model: str, data_dir, preset: str) -> None:
+    import json
+
     from quanteval_tasks import load_module, task_table
 
     _, window, tok = _model_window_tokenizer(model)
