@@ -103,6 +103,16 @@ LAUNCHER_PLUGINS = {  # hydra/launcher=<name>: (plugin module, pip extra)
 }
 
 
+def _check_threads() -> None:
+    """A bad QUANTEVAL_THREADS / SLURM_CPUS_PER_TASK: one line, before any job starts."""
+    from quanteval.threads import job_threads
+
+    try:
+        job_threads()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def _check_launcher(overrides: list[str]) -> None:
     """A launcher whose Hydra plugin is not installed: one line naming the extra to install."""
     import importlib.util
@@ -498,6 +508,7 @@ def main() -> None:
             if plan and plan[-1].split("=", 1)[1].lower() not in ("true", "false"):
                 raise UsageError(f"{plan[-1]}: plan must be true or false")
             _check_group_values(args)
+            _check_threads()
             if not plan:
                 _check_launcher(args)
             jobs, cfgs, n_run, results_dir = expand_grid(args)
@@ -514,6 +525,8 @@ def main() -> None:
         for line in _no_type_lines(cfgs):
             print(f"quanteval: skipped {line}", file=sys.stderr)
         os.environ["QUANTEVAL_SWEEP_RUNS"] = f"{os.getpid()}:{n_run}"  # the in-process sweep's progress bar
+        if not any(a.split("=", 1)[0].lstrip("+~") == "hydra/launcher" for a in args):
+            _SESSION.grid = cfgs  # the jobs run in this process: a variant's tasks can share a generation batch
         if any(a.split("=", 1)[0].lstrip("+~") == "bits" for a in args):
             sys.argv.append("use_preset_grid=false")  # the user chose the bits: run exactly those
         if not Path(results_dir).is_absolute():  # jobs on a cluster start in other directories

@@ -11,9 +11,9 @@ of generation on a CPU (``benchmarks/b2_generation.py`` measures it):
   next prompts are prefilled and merged into the running batch (continuous
   batching), so the batch stays full until the queue is empty;
 - **the KV cache grows in place**: keys and values live in buffers with spare
-  capacity (``_GrowingLayer``), so a step writes one position instead of
-  copying the whole cache (``DynamicCache`` appends with ``torch.cat``, which
-  costs a fifth of a decode step at 300 tokens).
+  capacity (``_GrowingLayer``, ``GROW`` positions at a time), so a step writes one
+  position instead of copying the whole cache (``DynamicCache`` appends with
+  ``torch.cat``, which costs a fifth of a decode step at 300 tokens).
 
 Semantics (those of lm-eval's ``HFLM.generate_until``, so scores match):
 
@@ -34,9 +34,18 @@ Semantics (those of lm-eval's ``HFLM.generate_until``, so scores match):
   were within 1e-4 (numerical ties, the only allowed difference).
 
 ``batch_size="auto"`` sizes the batch from the KV cache each row needs and the
-memory free on the device (``auto_batch_size``); on CUDA an out-of-memory
-error halves it and retries. One prefill takes at most ``PREFILL_BUDGET`` rows x width² (one 8K prompt,
+memory free on the device (``auto_batch_size``). Running out of memory, on CUDA
+(``OutOfMemoryError``) or on the CPU (the allocator's ``RuntimeError``, e.g. under
+``RLIMIT_AS`` or a cgroup limit), halves the batch and goes on with the prompts not yet
+finished: the answers already finished are kept, none is lost or computed twice. (A CPU
+that overcommits memory is more often stopped by the kernel's OOM killer, which no process
+can catch: hence the budget.) One prefill takes at most ``PREFILL_BUDGET`` rows x width² (one 8K prompt,
 two 4K ones on a CPU); the decode batch is refilled from the queue as before.
+
+**Requests from several tasks in one batch.** ``generate_requests`` takes prompts that each
+carry their own token cap and stop strings (``Request``), so all of a variant's generative
+tasks can share one continuous batch: the batch stays full where one task's few prompts would
+leave it at low occupancy (``quanteval.evaluate.generative.generate_together``).
 
 Text is decoded with ``skip_special_tokens=True``; bytes that are not valid
 UTF-8 (a byte-level BPE model can emit half a character) come back as
@@ -62,6 +71,8 @@ CUDA_MAX_BATCH = 256
 # 32 prompts of 1K tokens, but 2 of 4K and 1 of 8K (long-context tasks), which 8 left-padded 8K rows
 # would take minutes and gigabytes for. Prompts of the short tasks (< 1K tokens) are never split by it.
 PREFILL_BUDGET = {"cpu": 32 * 1024**2, "cuda": 256 * 2048**2}
+CPU_KV_BUDGET = 1 << 30  # bytes of KV cache a CPU batch is sized for (auto_batch_size)
+GROW = 64  # positions a row's KV buffer grows by when full (a copy every GROW steps, not one per step)
 
 
 @dataclass
@@ -204,10 +215,13 @@ def _free_bytes(device: torch.device) -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def auto_batch_size(model, n_prompts: int, max_len: int, free_bytes: int | None = None) -> int:
-    """The batch the free memory holds: each row needs its KV cache for ``max_len`` tokens (prompt +
-    cap, twice over while a refill merges) plus a prefill's activations; half the free memory is used.
-    Capped at ``CPU_MAX_BATCH`` / ``CUDA_MAX_BATCH`` and at the number of prompts.
+def auto_batch_size(model, n_prompts: int, max_len: int, free_bytes: int | None = None,
+                    mean_len: int | None = None) -> int:
+    """The batch the memory budget holds: each row needs its KV cache (``mean_len`` tokens on average,
+    prompt + cap; ``max_len`` at most) plus a prefill's activations. The budget is half the free memory,
+    and on a CPU at most ``CPU_KV_BUDGET`` bytes of KV cache (a full fp32 cache of 32 rows x 1K tokens is
+    1.5 GB for SmolLM2: the budget keeps a sweep's peak memory predictable). Capped at ``CPU_MAX_BATCH`` /
+    ``CUDA_MAX_BATCH`` and at the number of prompts.
 
     >>> # a row of 1 000 tokens at 100 kB/token is 0.3 GB with the margins: 4 GB free holds 6
     """
@@ -217,10 +231,36 @@ def auto_batch_size(model, n_prompts: int, max_len: int, free_bytes: int | None 
         else model.config.hidden_size
     per_row = 2 * kv_bytes_per_token(model) * max_len + 16 * hidden * max_len * 4
     cap = CUDA_MAX_BATCH if device.type == "cuda" else CPU_MAX_BATCH
-    return max(1, min(cap, n_prompts, int(free * 0.5) // max(per_row, 1)))
+    rows = int(free * 0.5) // max(per_row, 1)
+    if device.type != "cuda":
+        rows = min(rows, CPU_KV_BUDGET // max(kv_bytes_per_token(model) * (mean_len or max_len), 1))
+    return max(1, min(cap, n_prompts, rows))
 
 
 # ---------------------------------------------------------------- generation
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt's generation: its token ids, cap and stop strings.
+
+    >>> Request([1, 2, 3], max_new_tokens=64, stop=("\\n\\n",))
+    Request(ids=[1, 2, 3], max_new_tokens=64, stop=('\\n\\n',))
+    """
+
+    ids: list[int]
+    max_new_tokens: int
+    stop: tuple[str, ...] = ()
+
+
+def is_oom(e: BaseException) -> bool:
+    """Whether ``e`` is an allocator's out-of-memory error: CUDA's, or the CPU allocator's ``RuntimeError``
+    ("DefaultCPUAllocator: can't allocate memory", raised when ``malloc`` fails, e.g. under ``RLIMIT_AS``)."""
+    if isinstance(e, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)):
+        return True
+    text = str(e)
+    return isinstance(e, (RuntimeError, MemoryError)) and (
+        "can't allocate memory" in text or "out of memory" in text.lower() or isinstance(e, MemoryError))
 
 
 @torch.no_grad()
@@ -235,42 +275,68 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, stop
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
-    if not prompts:
+    requests = [Request(tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"], max_new_tokens, tuple(stop))
+                for p in prompts]
+    return generate_requests(model, tokenizer, requests, batch_size, desc)
+
+
+@torch.no_grad()
+def generate_requests(model, tokenizer, requests: Sequence[Request], batch_size: int | str = "auto",
+                      desc: str = "generate") -> list[Generation]:
+    """Greedy continuations of ``requests``, each with its own cap and stop strings (in their order)."""
+    if not requests:
         return []
-    encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+    bad = next((r for r in requests if r.max_new_tokens < 1), None)
+    if bad is not None:
+        raise ValueError(f"max_new_tokens={bad.max_new_tokens}: must be >= 1")
     if batch_size == "auto":
-        bs = auto_batch_size(model, len(prompts), max(map(len, encoded)) + max_new_tokens)
+        lengths = [len(r.ids) + r.max_new_tokens for r in requests]
+        bs = auto_batch_size(model, len(requests), max(lengths), mean_len=sum(lengths) // len(lengths))
     elif isinstance(batch_size, int) and batch_size >= 1:
         bs = batch_size
     else:
         raise ValueError(f"batch_size={batch_size!r}: must be a positive integer or 'auto'")
-    while True:
-        try:
-            return _Engine(model, tokenizer, encoded, max_new_tokens, stop, bs, desc).run()
-        except torch.cuda.OutOfMemoryError:
-            if bs == 1:
-                raise
-            torch.cuda.empty_cache()
-            log.warning("generation ran out of GPU memory at batch size %d: retrying at %d", bs, bs // 2)
-            bs //= 2
+    out: list[Generation | None] = [None] * len(requests)
+    bar = tqdm(total=len(requests), desc=desc, leave=False, unit="item")
+    try:
+        while True:
+            pending = [i for i, g in enumerate(out) if g is None]
+            if not pending:
+                return out  # type: ignore[return-value]
+            engine = _Engine(model, tokenizer, requests, pending, out, bs, bar)
+            try:
+                engine.run()
+            except Exception as e:  # noqa: BLE001 - only the allocator's out-of-memory errors are retried
+                if not is_oom(e) or bs == 1:
+                    raise
+                del engine  # its cache buffers
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                done = sum(g is not None for g in out)
+                log.warning("generation ran out of memory at batch size %d (%s): going on at %d with the %d "
+                            "prompt(s) not finished (%d finished are kept)", bs, str(e).splitlines()[0][:120],
+                            bs // 2, len(out) - done, done)
+                bs //= 2
+    finally:
+        bar.close()
 
 
 class _Engine:
-    """One ``generate`` call: a queue of prompts, a running batch, refills (see the module docstring)."""
+    """One pass over the pending requests: a queue, a running batch, refills (see the module docstring).
+    Finished generations are written to ``out`` as they end, so an interrupted pass keeps them."""
 
-    def __init__(self, model, tokenizer, encoded, max_new_tokens, stop, batch_size, desc):
-        self.model, self.tok, self.encoded = model, tokenizer, encoded
-        self.max_new, self.stop, self.bs = max_new_tokens, list(stop), batch_size
+    def __init__(self, model, tokenizer, requests, pending, out, batch_size, bar):
+        self.model, self.tok, self.reqs = model, tokenizer, requests
+        self.encoded = [r.ids for r in requests]
+        self.bs, self.out, self.bar = batch_size, out, bar
         self.device = next(model.parameters()).device
         self.eos = _eos_ids(model, tokenizer)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(self.eos) if self.eos else 0)
         self.cache_kw = _cache_kwarg(model)
-        self.window = max((len(x) for x in stop), default=0) + 8  # tokens decoded to look for a stop string
-        self.queue = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first
-        self.out: list[Generation | None] = [None] * len(encoded)
-        self.bar = tqdm(total=len(encoded), desc=desc, leave=False, unit="item")
+        self.reserve = min(GROW, max(requests[i].max_new_tokens for i in pending))  # cache positions grown at once
+        self.queue = sorted(pending, key=lambda i: -len(self.encoded[i]))  # longest first
 
-    def run(self) -> list[Generation]:
+    def run(self) -> None:
         refill_at = max(1, self.bs // 4)  # free rows that trigger a refill (fewer refills, fuller prefills)
         rows, cache, mask, pos, logits = self._prefill(self._take(self.bs))
         tokens: dict[int, list[int]] = {r: [] for r in rows}
@@ -300,12 +366,10 @@ class _Engine:
                 new_rows, c2, m2, p2, l2 = self._prefill(self._take(free))
                 tokens.update({r: [] for r in new_rows})
                 if rows:
-                    mask = _merge(cache, mask, c2, m2, self.max_new)
+                    mask = _merge(cache, mask, c2, m2, self.reserve)
                     rows, pos, logits = rows + new_rows, torch.cat([pos, p2]), torch.cat([logits, l2])
                 else:
                     rows, cache, mask, pos, logits = new_rows, c2, m2, p2, l2
-        self.bar.close()
-        return self.out  # type: ignore[return-value]
 
     def _take(self, n: int) -> list[int]:
         """Up to ``n`` prompts from the queue (longest first), as many as one prefill's budget holds."""
@@ -328,7 +392,7 @@ class _Engine:
             mask[i, width - len(x):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(1) - 1).clamp(min=0)  # (n, width): position ids that skip the padding
-        cache = _growing_cache(self.model, self.max_new)
+        cache = _growing_cache(self.model, self.reserve)
         kwargs = {self.cache_kw: cache} if cache is not None else {}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                          **kwargs)
@@ -337,17 +401,19 @@ class _Engine:
 
     def _finished(self, r: int, toks: list[int]) -> bool:
         """Record row ``r``'s generation if its last token ends it."""
+        req = self.reqs[r]
         t, finish = toks[-1], None
+        window = max((len(x) for x in req.stop), default=0) + 8  # tokens decoded to look for a stop string
         if t in self.eos:
             finish = "eos"
-        elif self.stop and _cut(self.tok.decode(toks[-self.window:], skip_special_tokens=False), self.stop)[1]:
+        elif req.stop and _cut(self.tok.decode(toks[-window:], skip_special_tokens=False), req.stop)[1]:
             finish = "stop"  # checked with special tokens kept: a stop string may be one (e.g. "<|im_end|>")
-        elif len(toks) == self.max_new:
+        elif len(toks) == req.max_new_tokens:
             finish = "length"
         if finish is None:
             return False
         kept = toks[:-1] if finish == "eos" else toks
-        text, _ = _cut(self.tok.decode(kept, skip_special_tokens=True), self.stop)
+        text, _ = _cut(self.tok.decode(kept, skip_special_tokens=True), req.stop)
         self.out[r] = Generation(text, len(toks), finish, list(toks))
         self.bar.update(1)
         return True

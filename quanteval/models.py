@@ -131,6 +131,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     provenance: dict = field(default_factory=dict)
+    weight_files: tuple = ()  # local *.safetensors the weights were loaded from (the session restores from them)
 
 
 def cache_root() -> Path:
@@ -246,7 +247,8 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> Lo
     model.to(device).eval()
     provenance["dtype"] = str(dtype).replace("torch.", "")
     provenance["n_params"] = sum(p.numel() for p in model.parameters())
-    return LoadedModel(model=model, tokenizer=tok, provenance=provenance)
+    files = tuple(sorted(Path(path).glob("*.safetensors"))) if Path(path).is_dir() else ()
+    return LoadedModel(model=model, tokenizer=tok, provenance=provenance, weight_files=files)
 
 
 # --------------------------------------------------------------------------- facts without the weights

@@ -1,11 +1,17 @@
 """A ``Session``: what one process keeps between the jobs it runs, passed to them (never a module global).
 
 - the model, loaded once and restored to its baseline weights before each variant (after fake-quant
-  the saved weights are copied back; after ``runtime=packed`` swapped its linears, it is rebuilt);
+  the baseline weights are copied back; after ``runtime=packed`` swapped its linears, it is rebuilt).
+  The baseline weights are read back from the local safetensors files the model was loaded from
+  (``BaseWeights``), one tensor at a time, rather than kept as a second copy in memory (0.54 GB
+  for SmolLM2 in fp32); a model loaded from elsewhere (a hub id) keeps the copy;
 - the calibration set's first-block inputs, captured once per model and calibration settings (one
   capture kept at a time: they are large);
 - the cache files it wrote, so ``rerun=true`` recomputes each once per process, not once per job;
-- the runs it finished, so a run reached again (the baseline under each bits value) is read back.
+- the runs it finished, so a run reached again (the baseline under each bits value) is read back;
+- the sweep's grid when its jobs run in this process (Hydra's basic launcher), so a variant's generative
+  tasks can share one generation batch, and the answers generated ahead for the jobs that follow
+  (``put_generations`` / ``take_generations``; see ``quanteval.evaluate.generative.generate_together``).
 
 ``Session.cached(path, compute, save, load)`` is the one lock / check / compute / mark-written helper
 for every cache file (quantisation results and the tasks' baseline caches)::
@@ -25,11 +31,59 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
+class BaseWeights:
+    """A model's baseline weights, to restore between variants: read back from its safetensors files
+    (tensors the files hold, in the model's dtype; a tensor tied to one of them, e.g. a tied ``lm_head``,
+    is restored with it), with an in-memory copy only of what the files lack or hold differently."""
+
+    def __init__(self, model, files=()):
+        import torch
+        from safetensors import safe_open
+
+        state = model.state_dict()
+        self.files: dict[str, str] = {}  # state key -> file holding it, with the same shape
+        for f in files:
+            with safe_open(str(f), "pt") as h:
+                for k in h.keys():
+                    if k in state and tuple(h.get_slice(k).get_shape()) == tuple(state[k].shape):
+                        self.files[k] = str(f)
+        from_file = {state[k].data_ptr(): k for k in self.files}
+        # the rest: a copy, unless it shares storage with a tensor read from a file (tied weights)
+        self.tied = {k: from_file[v.data_ptr()] for k, v in state.items()
+                     if k not in self.files and v.data_ptr() in from_file}
+        self.copies = {k: v.detach().clone() for k, v in state.items() if k not in self.files and k not in self.tied}
+        self.dtype = next(iter(state.values())).dtype if state else torch.float32
+
+    def restore(self, model) -> None:
+        """Copy the baseline weights into ``model`` (same keys), one tensor at a time."""
+        import torch
+        from safetensors import safe_open
+
+        state = model.state_dict()
+        by_file: dict[str, list[str]] = {}
+        for k, f in self.files.items():
+            by_file.setdefault(f, []).append(k)
+        with torch.no_grad():
+            for f, keys in by_file.items():
+                with safe_open(f, "pt") as h:
+                    for k in keys:
+                        state[k].copy_(h.get_tensor(k))
+            for k, v in self.copies.items():
+                state[k].copy_(v)
+            for k, partner in self.tied.items():  # a method may have untied them (a quantised lm_head)
+                if state[k].data_ptr() != state[partner].data_ptr():
+                    state[k].copy_(state[partner])
+
+    @property
+    def in_memory_bytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.copies.values())
+
+
 @dataclass
 class _Model:
     key: str
     loaded: object  # quanteval.models.LoadedModel
-    base_state: dict  # the baseline weights, to restore between variants
+    base: BaseWeights  # the baseline weights, to restore between variants
     state: str = "clean"  # clean | modified (fake-quant weights in place) | packed (linears swapped)
 
 
@@ -42,6 +96,18 @@ class Session:
     _model: Optional[_Model] = None
     _calib: Optional[tuple[str, object]] = None  # (calibration key, BlockInputs)
     _kept: Optional[tuple[str, object]] = None  # (key, value): the last result read from a file (Session.kept)
+    grid: list = field(default_factory=list)  # RunConfigs of the sweep, when its jobs run in this process
+    _generations: dict = field(default_factory=dict)  # key -> (generations, info), generated ahead for a later job
+
+    # ------------------------------------------------------------------ answers generated ahead
+
+    def put_generations(self, key: str, gens: list, info: dict) -> None:
+        """Keep ``gens`` (one task's answers, generated in another job's batch) for the job of ``key``."""
+        self._generations[key] = (gens, info)
+
+    def take_generations(self, key: str) -> Optional[tuple[list, dict]]:
+        """The answers kept for ``key`` (removed: each is used once), or None."""
+        return self._generations.pop(key, None)
 
     # ------------------------------------------------------------------ cache files
 
@@ -84,12 +150,11 @@ class Session:
             self._calib = None  # captured from the previous model
             device = resolve_device(variant.device)
             loaded = load_model(variant.model, device, resolve_dtype(variant.dtype, device))
-            base_state = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
-            self._model = m = _Model(variant.model_key, loaded, base_state)
+            self._model = m = _Model(variant.model_key, loaded, BaseWeights(loaded.model, loaded.weight_files))
         elif m.state == "packed":  # modules were swapped (QuantLinear, Linear8bitLt): rebuild from the saved weights
-            m.loaded = replace(m.loaded, model=_rebuild(m.loaded.model, m.base_state))
+            m.loaded = replace(m.loaded, model=_rebuild(m.loaded.model, m.base))
         elif m.state == "modified":
-            m.loaded.model.load_state_dict(m.base_state)
+            m.base.restore(m.loaded.model)
         m.state = "clean"
         return m.loaded
 
@@ -123,12 +188,11 @@ class Session:
         return ids
 
 
-def _rebuild(model, base_state: dict):
-    """A fresh model of ``model``'s config holding ``base_state`` (after ``pack_model`` swapped its modules)."""
+def _rebuild(model, base: BaseWeights):
+    """A fresh model of ``model``'s config holding the baseline weights (after ``pack_model`` swapped its modules)."""
     from transformers import AutoModelForCausalLM
 
-    dtype = next(iter(base_state.values())).dtype
-    fresh = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
-    fresh.load_state_dict(base_state)
+    fresh = AutoModelForCausalLM.from_config(model.config, dtype=base.dtype)
+    base.restore(fresh)
     fresh.generation_config = model.generation_config
     return fresh.to(next(model.parameters()).device).eval()

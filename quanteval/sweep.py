@@ -143,6 +143,9 @@ def run_job(cfg: RunConfig, session: Session) -> dict:
     The OS releases the lock when its holder dies (``kill -9`` included), so a killed job's lock is
     never stale; its half-written files are temporary files that nothing reads.
     """
+    from quanteval import threads
+
+    threads.configure()  # this process's share of the cores, now (parallel local jobs share them)
     run = Run.of(cfg)
     gate = gate_run(run, task_for(cfg.task))
     if gate is not None and not results.completed(gate.path):
@@ -182,6 +185,25 @@ def run_one(run: Run, session: Session) -> dict:
             return _compute(run, session)
     finally:
         lock.release()
+
+
+def siblings(run: Run, session: Session) -> list[Run]:
+    """The other generative runs of ``run``'s variant in the session's grid that are still to compute
+    (not finished, not left out by the preset), in the grid's order: their answers can share this run's
+    generation batch. Empty when the jobs do not run in this process (the session has no grid)."""
+    out, seen = [], {run.key}
+    settings = run.variant.settings()
+    for cfg in session.grid:
+        if not task_for(cfg.task).generative:
+            continue
+        other = Run.of(dataclasses.replace(cfg, rerun=run.cfg.rerun))
+        if other.key in seen or other.variant.settings() != settings:
+            continue
+        seen.add(other.key)
+        if other.key in session.done or other.preset_skip() is not None or _finished(other) is not None:
+            continue
+        out.append(other)
+    return out
 
 
 def _finished(run: Run) -> dict | None:
@@ -226,6 +248,8 @@ def _compute(run: Run, session: Session) -> dict:
         model = loaded.model
         device = next(model.parameters()).device
         ctx = TaskContext(run, loaded, resolve_data_dir(cfg.data_dir), session)
+        if task.generative:
+            ctx.siblings = [TaskContext(r, loaded, ctx.data_root, session) for r in siblings(run, session)]
         t0 = time.perf_counter()
         task.baseline(ctx)  # computed once, cached on disk; needs the baseline weights
         timings["baseline_s"] = time.perf_counter() - t0
@@ -249,6 +273,8 @@ def _compute(run: Run, session: Session) -> dict:
         timings["eval_s"] = time.perf_counter() - t0
         extra = ({k: getattr(scored, k) for k in ("breakdown", "primary_metric", "sandbox")}
                  if scored.primary_metric is not None else {})  # generative tasks: all three, as in 0.2.0
+        if scored.generation is not None:
+            extra["generation"] = scored.generation
         if scored.sandbox == "none":
             extra["unsafe"] = "generated code ran without the sandbox (sandbox=none)"
         record = {

@@ -160,3 +160,95 @@ def test_smollm2_batched_equals_unbatched_generate(one_thread):
     ps = [prompt_for(spec, loaded.tokenizer, d, "chat", "smollm2")[0] for d in spec.docs]
     check_against_reference(loaded.model, loaded.tokenizer, ps, 48, stop=stop_strings(spec, "chat"),
                             batch_sizes=[2, 6])
+
+
+def test_requests_of_several_tasks_in_one_batch_equal_unbatched_generate(tiny_model, one_thread, monkeypatch):
+    """Cross-task batching: each request keeps its own cap and stop strings in a shared batch, and its tokens
+    are unbatched ``model.generate``'s (up to counted ties)."""
+    from transformers import AutoModelForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = talking(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), tok)
+    eos = G._eos_ids(model, tok)
+    merges = []
+    real_merge = G._merge
+    monkeypatch.setattr(G, "_merge", lambda *a: merges.append(1) or real_merge(*a))
+    short, long_ = prompts(5, seed=3), prompts(7, seed=4)
+    free = generate(model, tok, short, 24, batch_size=5)
+    text = next(g.text for g in free if len(g.text) > 6)
+    stop = (text[3:6],)
+    reqs = [G.Request(tok(p, add_special_tokens=False)["input_ids"], 6, stop) for p in short] + \
+           [G.Request(tok(p, add_special_tokens=False)["input_ids"], 20, ()) for p in long_]
+    gens = G.generate_requests(model, tok, reqs, batch_size=4)
+    ties = 0
+    for g, r, p in zip(gens, reqs, short + long_):
+        ref = reference(model, tok, p, r.max_new_tokens, eos)
+        verdict = compare(g, *ref)
+        assert verdict in ("same", "tie"), verdict
+        ties += verdict == "tie"
+        assert g.n_tokens <= r.max_new_tokens
+        assert not any(s in g.text for s in r.stop)
+    assert all(g.n_tokens <= 6 for g in gens[:5]) and max(g.n_tokens for g in gens[5:]) > 6
+    assert any(g.finish == "stop" for g in gens[:5])  # the first group's stop string applies to it
+    assert merges  # rows of both groups were refilled into one running batch
+    assert ties <= 2
+
+
+OOM_SCRIPT = r"""
+import resource, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+import quanteval.generate as G
+torch.set_num_threads(1)
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096,
+                  eos_token_id=tok.eos_token_id, pad_token_id=0)
+model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()  # eager: full attention scores
+reqs = [G.Request([5 + (i * 7 + j) % 50 for j in range(1500)], 3) for i in range(16)]
+G.generate_requests(model, tok, reqs[:1], batch_size=1)  # warm up the allocator and the kernels
+want = G.generate_requests(model, tok, reqs[:4], batch_size=1)
+vm = int([l for l in open("/proc/self/status") if l.startswith("VmSize")][0].split()[1]) * 1024
+# 16 rows of 1 500 tokens need 16 x 8 heads x 1500^2 x 4 B = 1.15 GB of attention scores in one prefill
+resource.setrlimit(resource.RLIMIT_AS, (vm + 600 * 2**20, resource.RLIM_INFINITY))
+got = G.generate_requests(model, tok, reqs, batch_size=16)
+assert len(got) == 16 and all(g is not None for g in got)
+assert [g.tokens for g in got[:4]] == [g.tokens for g in want], "answers changed under the retry"
+print("OK", [g.n_tokens for g in got])
+"""
+
+
+def test_cpu_out_of_memory_halves_the_batch_and_keeps_every_item(tiny_model, tmp_path):
+    """Under RLIMIT_AS the CPU allocator raises RuntimeError: the batch is halved until it fits, and every
+    request gets its answer (the same answer as at batch size 1)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "oom.py"
+    script.write_text(OOM_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(tiny_model)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OK" in proc.stdout
+    assert "ran out of memory at batch size 16" in proc.stderr  # the retry really happened
+
+
+def test_is_oom_recognises_the_allocators_errors():
+    assert G.is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory"))
+    assert G.is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    assert not G.is_oom(RuntimeError("shape mismatch"))
+    assert not G.is_oom(ValueError("out of memory"))
+
+
+def test_cpu_batch_is_sized_from_the_kv_budget(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(
+        __import__("transformers").LlamaConfig(vocab_size=64, hidden_size=576, num_hidden_layers=30,
+                                               num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                                               intermediate_size=64))
+    per_tok = G.kv_bytes_per_token(model)
+    assert per_tok == 2 * 30 * 3 * 64 * 4  # SmolLM2-135M's shape: 46 kB per token in fp32
+    rows = G.CPU_KV_BUDGET // (per_tok * 1000)
+    assert auto_batch_size(model, 1000, 1000, free_bytes=10**12, mean_len=1000) == rows < G.CPU_MAX_BATCH
+    assert auto_batch_size(model, 1000, 1000, free_bytes=10**12, mean_len=300) == G.CPU_MAX_BATCH

@@ -190,6 +190,21 @@ def test_every_task_runs_and_writes_items(gen_sweep):
     assert humaneval.unsafe.isna().all()  # bubblewrap sandbox, not the unsafe opt-out
 
 
+def test_a_variants_tasks_share_one_generation_batch(gen_sweep):
+    """The first generative job of a variant generates every generative task's answers in one batch; the
+    other jobs use them (and say so in their run files)."""
+    results, _ = gen_sweep
+    runs = [json.loads(f.read_text()) for f in (results / "default" / "runs").glob("*.json")]
+    w8 = [r for r in runs if r["task"] in GEN_TASKS and r["variant"]["method"] == "rtn" and r["variant"]["bits"] == 8]
+    assert len(w8) == len(GEN_TASKS)
+    batches = {json.dumps(r["generation"], sort_keys=True) for r in w8}
+    assert len(batches) == 1, batches  # one batch for all of them
+    batch = w8[0]["generation"]
+    assert sorted(batch["batched_with"]) == sorted(GEN_TASKS)
+    assert batch["prompts"] == sum(r["metrics"]["n_items"] for r in w8)
+    assert batch["generated_by"] == batch["batched_with"][0]
+
+
 def test_arith_chain_breakdown_by_steps(gen_sweep):
     results, _ = gen_sweep
     f = next((results / "default" / "runs").glob("arith_chain__hf__rtn-w8*.json"))

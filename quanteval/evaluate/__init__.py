@@ -48,6 +48,7 @@ class TaskResult:
     breakdown: Optional[dict] = None  # primary metric and KL by each tag value
     primary_metric: Optional[str] = None  # the headline metric's name
     sandbox: Optional[str] = None  # the sandbox generated code ran in (code tasks)
+    generation: Optional[dict] = None  # generative tasks: which tasks shared the generation batch, its time
 
 
 @dataclass
@@ -58,6 +59,9 @@ class TaskContext:
     loaded: Any  # quanteval.models.LoadedModel, or None (plan=true: paths only)
     data_root: Path
     session: Any = None  # quanteval.session.Session (None: nothing is computed)
+    # the same variant's other generative runs still to compute in this process (TaskContexts): their
+    # answers may be generated in this run's batch (quanteval.evaluate.generative.generate_together)
+    siblings: list = field(default_factory=list)
 
     @property
     def cfg(self):
