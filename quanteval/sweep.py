@@ -271,6 +271,11 @@ def _compute(run: Run, session: Session) -> dict:
         t0 = time.perf_counter()
         scored = task.score(ctx)
         timings["eval_s"] = time.perf_counter() - t0
+        gen = scored.generation
+        if gen is not None:  # a shared generation batch: each task books its share of it, by tokens
+            booked = gen["batch_s"] if gen["generated_by"] == run.task else 0.0
+            timings["eval_s"] += gen["share_s"] - booked
+            timings["generate_share_s"] = gen["share_s"]
         extra = ({k: getattr(scored, k) for k in ("breakdown", "primary_metric", "sandbox")}
                  if scored.primary_metric is not None else {})  # generative tasks: all three, as in 0.2.0
         if scored.generation is not None:

@@ -197,12 +197,20 @@ def test_a_variants_tasks_share_one_generation_batch(gen_sweep):
     runs = [json.loads(f.read_text()) for f in (results / "default" / "runs").glob("*.json")]
     w8 = [r for r in runs if r["task"] in GEN_TASKS and r["variant"]["method"] == "rtn" and r["variant"]["bits"] == 8]
     assert len(w8) == len(GEN_TASKS)
-    batches = {json.dumps(r["generation"], sort_keys=True) for r in w8}
+    shared = ("batched_with", "prompts", "generated_by", "batch_s", "batch_tokens")
+    batches = {json.dumps({k: r["generation"][k] for k in shared}) for r in w8}
     assert len(batches) == 1, batches  # one batch for all of them
     batch = w8[0]["generation"]
     assert sorted(batch["batched_with"]) == sorted(GEN_TASKS)
     assert batch["prompts"] == sum(r["metrics"]["n_items"] for r in w8)
     assert batch["generated_by"] == batch["batched_with"][0]
+    # each task books its own share of the batch's time, by the tokens it generated
+    assert sum(r["generation"]["tokens"] for r in w8) == batch["batch_tokens"]
+    assert sum(r["generation"]["share_s"] for r in w8) == pytest.approx(batch["batch_s"], abs=0.05)
+    for r in w8:
+        assert r["generation"]["tokens"] == sum(it["n_tokens"] for it in G.read_items(
+            results / "default" / "runs" / r["items_file"]))
+        assert r["timings"]["generate_share_s"] == r["generation"]["share_s"] <= r["timings"]["eval_s"] + 1e-6
 
 
 def test_arith_chain_breakdown_by_steps(gen_sweep):

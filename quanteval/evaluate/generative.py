@@ -516,7 +516,9 @@ def generate_together(ctx, first: tuple, siblings: list, baseline: bool = False)
     ``TOGETHER_MAX_ITEMS`` prompts; the siblings' answers are kept in the session for their jobs
     (under their run keys, or under their baseline cache files' when ``baseline``).
 
-    Returns ``first``'s generations and a record of the batch: its tasks, prompts and seconds."""
+    Returns ``first``'s generations and a record of the batch: its tasks, prompts, seconds and tokens,
+    with this task's tokens and its share of the seconds (by tokens: ``share_s``), which the sweep
+    books as this task's generation time, so ``plan=true`` estimates each task by its own share."""
     import time
 
     from quanteval.generate import generate_requests
@@ -550,8 +552,15 @@ def generate_together(ctx, first: tuple, siblings: list, baseline: bool = False)
     t0 = time.perf_counter()
     gens = generate_requests(ctx.loaded.model, ctx.loaded.tokenizer, requests,
                              batch_size=ctx.cfg.preset.batch_size(), desc=f"{'+'.join(names)} generate")
-    info = {"batched_with": names, "prompts": len(requests), "generate_s": round(time.perf_counter() - t0, 2),
-            "generated_by": task.name}
+    seconds = time.perf_counter() - t0
+    batch_tokens = max(1, sum(g.n_tokens for g in gens))
+
+    def info(a: int, b: int) -> dict:  # what each member's run file records of the batch, and its share
+        tokens = sum(g.n_tokens for g in gens[a:b])
+        return {"batched_with": names, "prompts": len(requests), "generated_by": task.name,
+                "batch_s": round(seconds, 2), "batch_tokens": batch_tokens, "tokens": tokens,
+                "share_s": round(seconds * tokens / batch_tokens, 2)}
+
     for (t, c, sp, ps, k), (a, b) in zip(members[1:], spans[1:]):
-        c.session.put_generations(k, gens[a:b], info)
-    return gens[spans[0][0]:spans[0][1]], info
+        c.session.put_generations(k, gens[a:b], info(a, b))
+    return gens[spans[0][0]:spans[0][1]], info(*spans[0])
