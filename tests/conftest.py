@@ -12,6 +12,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# Every quanteval job takes its share of the cores (quanteval.threads): cores / live quanteval jobs. The
+# pytest process registers itself once a test runs a job in-process, and then sits idle while the CLI
+# subprocesses of later tests work, which would halve their threads. The suite pins the share to every
+# core, as torch's default; tests/test_threads.py checks the shares themselves with explicit environments.
+os.environ.setdefault("QUANTEVAL_THREADS", str(len(os.sched_getaffinity(0))))
 WORDS = ("the a of to and in is was for on that with as by at from his her it he she they model "
          "river city king war game team song album film north south early later first second "
          "year years time people new old one two three four five six seven eight nine ten").split()
