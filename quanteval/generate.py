@@ -256,11 +256,9 @@ class Request:
 def is_oom(e: BaseException) -> bool:
     """Whether ``e`` is an allocator's out-of-memory error: CUDA's, or the CPU allocator's ``RuntimeError``
     ("DefaultCPUAllocator: can't allocate memory", raised when ``malloc`` fails, e.g. under ``RLIMIT_AS``)."""
-    if isinstance(e, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)):
+    if isinstance(e, (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)):
         return True
-    text = str(e)
-    return isinstance(e, (RuntimeError, MemoryError)) and (
-        "can't allocate memory" in text or "out of memory" in text.lower() or isinstance(e, MemoryError))
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e).lower())
 
 
 @torch.no_grad()
@@ -335,6 +333,8 @@ class _Engine:
         self.cache_kw = _cache_kwarg(model)
         self.reserve = min(GROW, max(requests[i].max_new_tokens for i in pending))  # cache positions grown at once
         self.queue = sorted(pending, key=lambda i: -len(self.encoded[i]))  # longest first
+        # tokens decoded to look for a stop string, per request (decoding fewer is cheaper on every step)
+        self.windows = {i: max((len(x) for x in requests[i].stop), default=0) + 8 for i in pending}
 
     def run(self) -> None:
         refill_at = max(1, self.bs // 4)  # free rows that trigger a refill (fewer refills, fuller prefills)
@@ -403,10 +403,9 @@ class _Engine:
         """Record row ``r``'s generation if its last token ends it."""
         req = self.reqs[r]
         t, finish = toks[-1], None
-        window = max((len(x) for x in req.stop), default=0) + 8  # tokens decoded to look for a stop string
         if t in self.eos:
             finish = "eos"
-        elif req.stop and _cut(self.tok.decode(toks[-window:], skip_special_tokens=False), req.stop)[1]:
+        elif req.stop and _cut(self.tok.decode(toks[-self.windows[r]:], skip_special_tokens=False), req.stop)[1]:
             finish = "stop"  # checked with special tokens kept: a stop string may be one (e.g. "<|im_end|>")
         elif len(toks) == req.max_new_tokens:
             finish = "length"

@@ -32,7 +32,9 @@ _REGISTERED: dict = {}  # the open lock file that registers this process (kept f
 
 
 def _jobs_dir() -> Path:
-    return Path(os.environ.get("QUANTEVAL_CACHE", Path.home() / ".cache" / "quanteval")) / "jobs"
+    from quanteval.models import cache_root
+
+    return cache_root() / "jobs"
 
 
 def cores() -> int:

@@ -438,7 +438,7 @@ class GenerativeTask:
             log.info("computing the baseline's %s answers once (%d items): %s", self.name, len(spec.docs),
                      items_path.name)
             prompts = self._prompts(ctx, spec)
-            gens, _ = self._generate(ctx, spec, prompts, _baseline_key(items_path), _baseline_siblings(ctx))
+            gens, _ = self._generate(ctx, spec, prompts, _baseline_key(items_path), ctx.siblings)
             items = self._items(ctx, spec, prompts, gens)
             seqs = self._sequences(ctx, spec, prompts, self._tf_texts(spec, items))
             present = [s for s in seqs if s is not None]
@@ -497,24 +497,12 @@ def _baseline_key(items_path: Path) -> str:
     return f"baseline:{items_path}"
 
 
-def _baseline_siblings(ctx) -> list:
-    """The siblings whose baseline answers are not cached yet (their baseline jobs would generate them)."""
-    out = []
-    for sib in ctx.siblings:
-        task = GenerativeTask(sib.cfg.task.name)
-        try:
-            if not task._paths(sib, task.spec(sib))[0].exists():
-                out.append(sib)
-        except Exception:  # noqa: BLE001 - a sibling that cannot even load is left to its own job's error
-            continue
-    return out
-
-
 def generate_together(ctx, first: tuple, siblings: list, baseline: bool = False) -> tuple[list, dict]:
     """Generate ``first``'s answers (task, spec, prompts, session key) in one batch with those of
     ``siblings`` (TaskContexts of the same model state), while the batch holds at most
     ``TOGETHER_MAX_ITEMS`` prompts; the siblings' answers are kept in the session for their jobs
-    (under their run keys, or under their baseline cache files' when ``baseline``).
+    (under their run keys, or, when ``baseline``, under their baseline cache files', for the siblings
+    whose baseline cache is not written yet).
 
     Returns ``first``'s generations and a record of the batch: its tasks, prompts, seconds and tokens,
     with this task's tokens and its share of the seconds (by tokens: ``share_s``), which the sweep
@@ -533,12 +521,15 @@ def generate_together(ctx, first: tuple, siblings: list, baseline: bool = False)
             stask = GenerativeTask(sib.cfg.task.name)
             sspec = stask.spec(sib)
             sprompts = stask._prompts(sib, sspec)
+            items_path = stask._paths(sib, sspec)[0] if baseline else None
         except Exception:  # noqa: BLE001 - a sibling that cannot load is left to its own job (and its error)
             log.debug("sibling %s not batched", sib.cfg.task.name, exc_info=True)
             continue
         if total + len(sprompts) > TOGETHER_MAX_ITEMS:
             continue
-        skey = _baseline_key(stask._paths(sib, sspec)[0]) if baseline else sib.run.key
+        if items_path is not None and items_path.exists():  # its baseline answers are cached already
+            continue
+        skey = _baseline_key(items_path) if baseline else sib.run.key
         members.append((stask, sib, sspec, sprompts, skey))
         total += len(sprompts)
     requests, spans = [], []
