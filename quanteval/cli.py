@@ -275,6 +275,8 @@ def _check_inputs(cfg: C.RunConfig) -> None:
             from quanteval.models import check_gguf, gguf_path
 
             check_gguf(gguf_path(cfg.model))
+        if cfg.kv_bits != 16:
+            _check_kv(cfg.model, cfg.kv_bits, cfg.kv_group_size, cfg.kv_method)
         if cfg.method.name == "artifact":  # the file, then the file against its base: before any heavy work
             from quanteval.artifacts import inspect
             from quanteval.methods.artifact import check_base
@@ -282,6 +284,22 @@ def _check_inputs(cfg: C.RunConfig) -> None:
             check_base(inspect(cfg.artifact), cfg.model)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
+
+
+_KV_CHECKED: set = set()
+
+
+def _check_kv(model_cfg, bits: int, group_size: int, method: str) -> None:
+    """The model's KV cache layout is one ``quanteval.kvcache`` handles, and its head dimension takes the
+    value groups (from the model's config only; once per model and KV settings)."""
+    from quanteval.kvcache import check
+    from quanteval.kvsize import KVSpec
+    from quanteval.models import model_config
+
+    key = (repr(model_cfg), bits, group_size, method)
+    if key not in _KV_CHECKED:
+        check(model_config(model_cfg), KVSpec(bits, group_size, method))
+        _KV_CHECKED.add(key)
 
 
 @lru_cache(maxsize=None)

@@ -425,8 +425,16 @@ class RunConfig:
     # method=artifact: the file evaluated against the model (a .gguf file of any type, or a compressed-tensors
     # checkpoint folder); a comma list sweeps several. Ignored by every other method.
     artifact: Optional[str] = None
+    # the KV cache (quanteval.kvcache): 16 = not quantised; 8/4/2 quantise keys per channel (groups of
+    # kv_group_size tokens) and values per token (groups of kv_group_size head-dim elements), KIVI-style
+    kv_bits: int = 16
+    kv_group_size: int = 32  # must divide the model's head dimension (64 for SmolLM2, 256 for Gemma 3)
+    kv_method: str = "rtn"  # asymmetric round-to-nearest (the only one)
 
     def __post_init__(self) -> None:
+        from quanteval.kvsize import KVSpec
+
+        KVSpec(self.kv_bits, self.kv_group_size, self.kv_method)  # one line naming the bad kv_* field
         _check(isinstance(self.group_size, int), f"group_size={self.group_size!r}: must be an integer")
         _check(
             self.group_size == -1 or self.group_size > 0,

@@ -75,6 +75,10 @@ class Adapter:
     scale_groups: tuple[ScaleGroup, ...]
     embed: str = "model.embed_tokens"
     lm_head: str = "lm_head"
+    attention: str = "self_attn"  # a block's attention module (quanteval.kvcache marks it)
+    # the KV cache's layout: "full" (causal self-attention over (B, kv heads, T, head dim), RoPE before the
+    # cache: quanteval.kvcache quantises it); "sliding" (some layers keep only a window: not handled)
+    kv_layout: str = "full"
 
     @property
     def all_linears(self) -> tuple[str, ...]:
@@ -85,7 +89,8 @@ _ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _LLAMA_LINEARS = (_ATTN, ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 
 
-def _llama_like(family: str, norm_kind: str = "rmsnorm", mlp_norm: str = "post_attention_layernorm") -> Adapter:
+def _llama_like(family: str, norm_kind: str = "rmsnorm", mlp_norm: str = "post_attention_layernorm",
+                kv_layout: str = "full") -> Adapter:
     return Adapter(
         family=family,
         blocks="model.layers",
@@ -97,6 +102,7 @@ def _llama_like(family: str, norm_kind: str = "rmsnorm", mlp_norm: str = "post_a
             ScaleGroup(mlp_norm, norm_kind, ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
             ScaleGroup("mlp.up_proj", "linear", ("mlp.down_proj",), "mlp.down_proj"),
         ),
+        kv_layout=kv_layout,
     )
 
 
@@ -106,7 +112,7 @@ ADAPTERS: dict[str, Adapter] = {
     "qwen2": _llama_like("qwen2"),
     "qwen3": _llama_like("qwen3"),
     # Gemma 3: RMSNorm multiplies by (1 + w); pre_feedforward_layernorm feeds gate/up.
-    "gemma3_text": _llama_like("gemma3_text", "gemma_rmsnorm", "pre_feedforward_layernorm"),
+    "gemma3_text": _llama_like("gemma3_text", "gemma_rmsnorm", "pre_feedforward_layernorm", kv_layout="sliding"),
 }
 ADAPTERS["gemma3"] = ADAPTERS["gemma3_text"]
 

@@ -155,6 +155,9 @@ class Session:
             m.loaded = replace(m.loaded, model=_rebuild(m.loaded.model, m.base))
         elif m.state == "modified":
             m.base.restore(m.loaded.model)
+        from quanteval.kvcache import uninstall
+
+        uninstall(m.loaded.model)  # the previous variant's KV cache, if it had one
         m.state = "clean"
         return m.loaded
 

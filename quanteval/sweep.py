@@ -94,7 +94,7 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 def gate_run(run: Run, task: Task) -> Run | None:
     """The run whose result the collapse gate reads before ``run`` (its variant's WikiText-2 run), or None."""
-    if not task.generative or not run.variant.quantizes or run.cfg.force_generate:
+    if not task.generative or run.variant.is_baseline or run.cfg.force_generate:
         return None
     return run.with_task(WikiText2Config())
 
@@ -268,6 +268,10 @@ def _compute(run: Run, session: Session) -> dict:
             layers = result.layers
             timings["quantize_s"] = time.perf_counter() - t0
             quant_info = result.info
+        if variant.kv.quantizes:  # the cache, after the weights (calibration and the baseline saw neither)
+            from quanteval.kvcache import install
+
+            install(model, variant.kv, adapter_for(model))
         t0 = time.perf_counter()
         scored = task.score(ctx)
         timings["eval_s"] = time.perf_counter() - t0
@@ -295,6 +299,7 @@ def _compute(run: Run, session: Session) -> dict:
             "timings": timings,
             "peak_memory_mb": _peak_memory_mb(device),
             "memory": {"runtime": variant.runtime, "resident_bytes": model_bytes(model)},
+            "kv_cache": kv_cache_record(model, variant.kv, run, scored),
             "versions": _versions(),
             "device": str(device),
             "created": _now(),
@@ -316,6 +321,26 @@ def _compute(run: Run, session: Session) -> dict:
     if record["status"] == "ok":
         log.info("%s %s: %s", run.task, variant.label, _summary(record["metrics"]))
     return record
+
+
+def kv_cache_record(model, spec, run: Run, scored: TaskResult) -> dict:
+    """The KV cache's packed size (``quanteval.kvsize``): bytes per token and at the longest context this
+    run evaluated (its items' ``length`` tags, else its windows' length; None for short tasks)."""
+    from quanteval import kvsize
+    from quanteval.kvcache import key_elements
+
+    elements = key_elements(model)
+    lengths = [(it.get("tags") or {}).get("length") for it in (scored.items or []) if isinstance(it, dict)]
+    lengths = [int(x) for x in lengths if isinstance(x, (int, float))]
+    seq = (run.settings.get("preset") or {}).get("seq_len")
+    context = max(lengths) if lengths else int(seq) if isinstance(seq, int) else None
+    out = {"bits": spec.bits, "group_size": spec.group_size if spec.quantizes else None,
+           "key_elements_per_token": elements,
+           "bytes_per_token": kvsize.bytes_per_token(elements, spec), "context": context}
+    if context:
+        out["bytes_at_context"] = kvsize.kv_bytes(elements, spec, context)
+        out["residual_tokens"] = kvsize.residual_tokens(spec, context)
+    return out
 
 
 def _provenance_line(p: dict) -> str:

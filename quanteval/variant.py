@@ -30,14 +30,22 @@ from typing import Optional
 import quanteval
 from quanteval import results
 from quanteval.config import ArtifactConfig, AutoRoundConfig, MethodConfig, ModelConfig, RunConfig
+from quanteval.kvsize import KVSpec
 
-NOT_IN_QUANT_KEY = ("task", "preset", "git", "runtime")  # run settings that do not change the weights
+NOT_IN_QUANT_KEY = ("task", "preset", "git", "runtime", "kv")  # run settings that do not change the weights
+KV_SEP = " · "  # between the weights' label and the cache's: "rtn w4 g64 · kv4"
 
 
 def quant_key_of(settings: dict) -> str:
     """The quantisation cache key of a run's settings (a run file's ``settings`` included):
-    all but the task's, the preset's evaluation sizes, the git commit and the runtime."""
-    return results.run_key({k: v for k, v in settings.items() if k not in NOT_IN_QUANT_KEY})
+    all but the task's, the preset's evaluation sizes, the git commit, the runtime and the KV cache's
+    (a w4 · kv4 variant shares the w4 variant's weights)."""
+    kept = {k: v for k, v in settings.items() if k not in NOT_IN_QUANT_KEY}
+    if "kv" in settings and isinstance(kept.get("variant"), dict):  # the variant's label and info without it
+        info = {k: v for k, v in kept["variant"].items() if k != "kv"}
+        info["label"] = str(info.get("label", "")).split(KV_SEP)[0]
+        kept["variant"] = info
+    return results.run_key(kept)
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,7 @@ class Variant:
     format: Optional[str] = None
     no_format: Optional[str] = None
     artifact: Optional[object] = None  # method=artifact: the file (quanteval.artifacts.Artifact)
+    kv: KVSpec = KVSpec()  # the KV cache's quantisation (16 bits: none)
 
     @classmethod
     def of(cls, cfg: RunConfig) -> "Variant":
@@ -113,15 +122,28 @@ class Variant:
             fmt, bits = artifact.type, artifact.nominal_bits
             method_cfg = dataclasses.replace(method_cfg, path=artifact.path)
         return cls(cfg.model, cfg.dtype, cfg.device, method_cfg, bits, cfg.group_size, cfg.sym,
-                   cfg.quantize_embeddings, cfg.seed, calib, cfg.runtime, cfg.kernel, fmt, no_format, artifact)
+                   cfg.quantize_embeddings, cfg.seed, calib, cfg.runtime, cfg.kernel, fmt, no_format, artifact,
+                   KVSpec(cfg.kv_bits, cfg.kv_group_size, cfg.kv_method))
 
     @property
     def quantizes(self) -> bool:
+        """Whether the *weights* are quantised (``kv`` says whether the cache is)."""
         return self.method.quantizes
 
     @property
+    def is_baseline(self) -> bool:
+        """Neither the weights nor the KV cache quantised: the model every variant is compared with."""
+        return not self.quantizes and not self.kv.quantizes
+
+    @property
     def label(self) -> str:
-        """``baseline``, or e.g. ``gptq w4 g64`` (`` sym`` appended when symmetric)."""
+        """``baseline``, or e.g. ``gptq w4 g64`` (`` sym`` appended when symmetric), ``rtn w4 g64 · kv4``
+        with a quantised cache, ``w16 · kv4`` for the cache alone."""
+        if self.kv.quantizes:
+            return (self._weights_label() if self.quantizes else "w16") + KV_SEP + self.kv.label
+        return self._weights_label()
+
+    def _weights_label(self) -> str:
         if not self.quantizes:
             return "baseline"
         if self.artifact is not None:  # a file: its name and type, "model-Q4_K_M.gguf Q4_K_M"
@@ -138,8 +160,11 @@ class Variant:
     def info(self) -> dict:
         """The variant as run files record it; the baseline carries no bits/group/sym, and a method that
         does not use group_size / sym (bnb, gguf, hqq's sym) carries None for them (so not in its key)."""
-        if not self.quantizes:
+        if self.is_baseline:
             return {"method": "none", "bits": None, "group_size": None, "sym": None, "label": "baseline"}
+        if not self.quantizes:  # the cache alone: the report's family "kv" (weights unquantised)
+            return {"method": "kv", "bits": None, "group_size": None, "sym": None, "label": self.label,
+                    "kv": self.kv.settings()}
         info = {"method": self.method.label_name, "bits": self.bits,
                 "group_size": self.group_size if self.method.uses_group_size else None,
                 "sym": self.sym if self.method.uses_sym else None, "label": self.label}
@@ -147,6 +172,8 @@ class Variant:
             info["format"] = self.format
         if self.artifact is not None:
             info["artifact"] = self.artifact.settings()
+        if self.kv.quantizes:
+            info["kv"] = self.kv.settings()
         return info
 
     def model_settings(self) -> dict:
@@ -162,6 +189,8 @@ class Variant:
         s = {**self.model_settings(), "variant": self.info(), "quanteval": quanteval.__version__}
         if self.runtime != "fakequant":  # only then: the keys of fake-quant runs stay as they were
             s["runtime"] = {"runtime": self.runtime, "kernel": self.kernel}
+        if self.kv.quantizes:  # only then: kv_bits=16 leaves every key as it was
+            s["kv"] = self.kv.settings()
         if self.quantizes:
             s["method"] = dataclasses.asdict(self.method)
             s["quantize_embeddings"] = self.quantize_embeddings

@@ -463,7 +463,7 @@ class GenerativeTask:
         items_path, tf_path = self._paths(ctx, spec)
         base_items = read_items(items_path)
         generation = None
-        if ctx.cfg.method.quantizes:
+        if not ctx.run.variant.is_baseline:  # quantised weights, or the KV cache alone
             prompts = self._prompts(ctx, spec)
             gens, generation = self._generate(ctx, spec, prompts, ctx.run.key, ctx.siblings)
             items = self._items(ctx, spec, prompts, gens)
