@@ -84,6 +84,7 @@ FAMILIES: dict[str, str] = {
     "llmc-gptq": "llm-compressor", "llmc-rtn": "llm-compressor", "llmc-awq": "llm-compressor",
     "bnb": "bitsandbytes", "hqq": "hqq", "autoround": "auto-round", "gguf": "llama.cpp (gguf)",
     "artifact": "files (artifacts)",
+    "kv": "quanteval",  # the KV cache alone (quanteval.kvcache), weights unquantised
 }
 
 

@@ -119,6 +119,19 @@ def quantize_keys(k: torch.Tensor, positions: torch.Tensor, bits: int, group_siz
 
 # ---------------------------------------------------------------- the attention function
 
+_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")  # torch >= 2.5
+
+
+def _sdpa(query, key, value, mask, scale):
+    """Scaled dot-product attention with grouped-query heads (``enable_gqa`` where torch has it)."""
+    groups = query.shape[1] // key.shape[1]
+    if groups == 1:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+    if _GQA:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention over a KIVI-quantised cache (see the module docstring); transformers' attention interface.
@@ -138,7 +151,6 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     g, bits = spec.group_size, spec.bits
     value[:, :, k_len - q:] = quantize_values(value[:, :, k_len - q:], bits, g)  # this call's values
     scale = scaling if scaling is not None else d**-0.5
-    gqa = hq != key.shape[1]
     if q == 1:  # decode: a row whose token fills a group quantises that group's keys, in place
         fills = torch.remainder(pos_q[:, -1] + 1, g) == 0  # (B,)
         if bool(fills.any()):
@@ -146,7 +158,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
             block = key[rows, :, k_len - g:]  # (r, H, G, D): the group just filled
             key[rows, :, k_len - g:] = rtn_minmax(block, bits, dim=2)
         mask = (pos_k >= 0)[:, None, None, :]  # (B, 1, 1, K)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out = _sdpa(query, key, value, mask, scale)
         return out.transpose(1, 2).contiguous(), None
     full_k = key.clone()  # this call's keys in full precision, for the queries before their group fills
     quantised, full = quantize_keys(key, pos_k, bits, g)
@@ -168,8 +180,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         mask = torch.cat([use_q, use_f], dim=2)[:, None]  # (B, 1, c, e + e - lo)
         k_cat = torch.cat([key[:, :, :e], full_k[:, :, lo:e]], dim=2)  # (B, H, e + e - lo, D)
         v_cat = torch.cat([value[:, :, :e], value[:, :, lo:e]], dim=2)
-        outs.append(F.scaled_dot_product_attention(query[:, :, s - (k_len - q):e - (k_len - q)], k_cat, v_cat,
-                                                   attn_mask=mask, scale=scale, enable_gqa=gqa))
+        outs.append(_sdpa(query[:, :, s - (k_len - q):e - (k_len - q)], k_cat, v_cat, mask, scale))
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
     return out.transpose(1, 2).contiguous(), None
 

@@ -147,7 +147,8 @@ class VariantInfo:
     bits: Optional[int] = None
     group_size: Optional[int] = None
     sym: Optional[bool] = None
-    label: Optional[str] = None  # e.g. "gptq w4 g64", "baseline"
+    label: Optional[str] = None  # e.g. "gptq w4 g64", "baseline", "rtn w4 g64 · kv4", "w16 · kv4"
+    kv: dict = field(default_factory=dict)  # a quantised KV cache: {"bits", "group_size", "method"}
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,9 @@ class RunRecord:
     timings: dict = field(default_factory=dict)  # step -> seconds
     peak_memory_mb: Optional[float] = None
     memory: dict = field(default_factory=dict)  # {"runtime", "resident_bytes"}
+    # the packed KV cache (quanteval.kvsize): {"bits", "group_size", "key_elements_per_token",
+    # "bytes_per_token", "context", "bytes_at_context", "residual_tokens"}
+    kv_cache: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     device: Optional[str] = None
     created: Optional[str] = None  # ISO time, UTC

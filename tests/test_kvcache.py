@@ -235,3 +235,10 @@ def test_sweep_with_a_kv_axis_records_sizes_and_reports_columns(tiny_model, tiny
     html = (tmp_path / "default" / "report" / "index.html").read_text()
     for label in ("w16 · kv8 g8", "w16 · kv2 g8", "rtn w4 g64 · kv4 g8"):
         assert label in html, label
+    assert "+ KV" in html and "@ 64" in html  # each column's size: weights + the cache at the stated context
+    assert list((tmp_path / "default" / "report").glob("kv__*.png"))  # KL by KV-cache bits
+    verdicts = json.loads((tmp_path / "default" / "report" / "verdicts.json").read_text())
+    cells = [c for c in verdicts["verdicts"] if c["task"] == "wikitext2" and c["kind"] == "kl"]
+    kv2 = next(c for c in cells if c["label"] == "w16 · kv2 g8")
+    base = next(c for c in cells if c["label"] == "baseline")
+    assert kv2["kv_context"] == 64 and kv2["kv_bytes"] == kvsize.kv_bytes(e, KVSpec(2, 8), 64) < base["kv_bytes"]

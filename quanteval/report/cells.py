@@ -84,6 +84,18 @@ class Cell:
     fidelity: Optional[float] = None  # teacher-forced KL beside a quality cell
     group: str = ""  # evaluation-settings signature
     in_domain: str = ""  # the calibration set, when the variant was calibrated on this task's own domain
+    # the KV cache's packed bytes at ``kv_context`` tokens (16-bit for a weight-only variant): a variant's
+    # size is its weights plus this, so cache-quantised and weight-quantised variants compare fairly
+    kv_bytes: Optional[int] = None
+    kv_context: Optional[int] = None
+    kv_bits: Optional[int] = None  # a quantised KV cache's bits (None: 16-bit, not quantised)
+
+    @property
+    def size_bytes(self) -> Optional[int]:
+        """Weights plus the KV cache at ``kv_context`` (weights only when the runs carry no KV figures)."""
+        if self.model_bytes is None:
+            return None
+        return self.model_bytes + (self.kv_bytes or 0)
 
     def to_json(self) -> dict:
         """The cell as verdicts.json holds it; ``metric`` is left out (the row names it; 0.2.0's shape)."""
@@ -230,7 +242,36 @@ def build_cells(runs: list[RunData], t: Thresholds) -> tuple[list[Cell], list[st
     for c in cells:  # runs skipped as collapsed carry no compression figures: take their variant's
         if c.effective_bits is None and (c.model, c.label) in sizes:
             c.effective_bits, c.model_bytes = sizes[(c.model, c.label)]
+    kv = _kv_sizes(runs)
+    for c in cells:
+        c.kv_bytes, c.kv_context = kv.get((c.model, c.label), (None, None))
     return cells, warnings
+
+
+def kv_context(runs: list[RunData], model: str) -> int:
+    """The context a model's variants are sized at: the longest any of its runs evaluated, else 4K."""
+    from quanteval.kvsize import DEFAULT_CONTEXT
+
+    lengths = [r.rec.kv_cache.get("context") for r in runs if (r.rec.model.name or "?") == model]
+    lengths = [x for x in lengths if isinstance(x, int) and x > 0]
+    return max(lengths) if lengths else DEFAULT_CONTEXT
+
+
+def _kv_sizes(runs: list[RunData]) -> dict[tuple[str, str], tuple[int, int]]:
+    """(model, label) -> (packed KV bytes at the model's context, that context), from the runs' ``kv_cache``."""
+    from quanteval.kvsize import KVSpec, kv_bytes
+
+    out, contexts = {}, {}
+    for r in runs:
+        kc, model = r.rec.kv_cache, r.rec.model.name or "?"
+        elements = kc.get("key_elements_per_token")
+        if not elements or kc.get("bits") is None:
+            continue
+        if model not in contexts:
+            contexts[model] = kv_context(runs, model)
+        spec = KVSpec(int(kc["bits"]), int(kc.get("group_size") or KVSpec.group_size))
+        out[(model, r.rec.variant.label or "?")] = (kv_bytes(int(elements), spec, contexts[model]), contexts[model])
+    return out
 
 
 def _sizes(runs: list[RunData]) -> dict[tuple[str, str], tuple[float, int]]:
@@ -245,7 +286,8 @@ def _sizes(runs: list[RunData]) -> dict[tuple[str, str], tuple[float, int]]:
 def _variant(rec: RunRecord) -> dict:
     v, c = rec.variant, rec.compression
     return {"label": v.label or "?", "method": v.method or "?", "bits": v.bits,
-            "effective_bits": c.effective_bits, "model_bytes": c.model_bytes, "run_key": rec.run_key}
+            "effective_bits": c.effective_bits, "model_bytes": c.model_bytes, "run_key": rec.run_key,
+            "kv_bits": (v.kv or {}).get("bits")}
 
 
 def _task_cells(model: str, task: str, members: list[RunData], t: Thresholds, sig: str, suffix: str) -> list[Cell]:
@@ -447,9 +489,10 @@ def recommend(cells: list[Cell], kinds: dict[str, list[str]]) -> dict[str, dict[
                 if {c.task for c in rel} == set(tasks) and all(c.verdict == "survives" for c in rel):
                     ok.append(rel[0])
             if ok:
-                best = min(ok, key=lambda c: (c.model_bytes or math.inf, -(c.effective_bits or 0)))
+                best = min(ok, key=lambda c: (c.size_bytes or math.inf, -(c.effective_bits or 0)))
                 out[model][kind] = {"tasks": tasks, "variant": best.label, "model_bytes": best.model_bytes,
-                                    "effective_bits": best.effective_bits, "run_key": best.run_key}
+                                    "effective_bits": best.effective_bits, "run_key": best.run_key,
+                                    "kv_bytes": best.kv_bytes, "kv_context": best.kv_context}
             else:
                 out[model][kind] = {"tasks": tasks, "variant": None,
                                     "reason": "no quantised variant survives every task of this kind: "

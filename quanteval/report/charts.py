@@ -47,13 +47,13 @@ log = logging.getLogger(__name__)
 FAMILY_COLORS = {"baseline": "#444444", "quanteval": "#1f77b4", "llm-compressor": "#7b4fb0",
                  "bitsandbytes": "#d62728", "hqq": "#8c564b", "auto-round": "#e377c2",
                  "llama.cpp (gguf)": "#2ca02c", "files (artifacts)": "#ff7f0e", "other": "#7f7f7f"}
-METHOD_COLORS = {"none": "#444444",
+METHOD_COLORS = {"none": "#444444", "kv": "#17becf",  # kv: the KV cache alone (weights unquantised)
                  "rtn": "#6baed6", "gptq": "#1f77b4", "awq": "#08306b",  # quanteval: blues
                  "llmc-rtn": "#bcbddc", "llmc-gptq": "#7b4fb0", "llmc-awq": "#3f007d",  # llm-compressor: purples
                  "bnb": "#d62728", "hqq": "#8c564b", "autoround": "#e377c2", "gguf": "#2ca02c",
                  "artifact": "#ff7f0e"}
 METHOD_MARKERS = {"rtn": "o", "gptq": "s", "awq": "^", "llmc-rtn": "o", "llmc-gptq": "s", "llmc-awq": "^",
-                  "bnb": "D", "hqq": "v", "autoround": "P", "gguf": "X", "artifact": "*"}
+                  "bnb": "D", "hqq": "v", "autoround": "P", "gguf": "X", "artifact": "*", "kv": "h"}
 FALLBACK_COLORS = ["#bcbd22", "#7f7f7f", "#aec7e8", "#98df8a", "#ff9896", "#c49c94"]
 BIT_COLORS = {8: "#2ca02c", 4: "#1f77b4", 3: "#ff7f0e", 2: "#d62728"}
 
@@ -147,6 +147,7 @@ def write_charts(cells: list[Cell], runs: list[RunData], out: Path, t: Threshold
         for task in sorted({c.task for c in mc}):
             _quality(model, task, [c for c in mc if c.task == task and c.kind == "quality"], out, charts)
         _kl(model, [c for c in mc if c.task == "wikitext2" and c.metric == "kl_mean"], out, t, charts)
+        _kv_axis(model, [c for c in mc if c.task == "wikitext2" and c.metric == "kl_mean"], out, t, charts)
         _flips(model, [c for c in mc if c.kind == "quality" and c.flips is not None], out, charts)
         _pareto(model, mc, out, t, charts)
         for task in sorted({r.rec.task or "?" for r in mruns}):
@@ -167,20 +168,23 @@ def write_charts(cells: list[Cell], runs: list[RunData], out: Path, t: Threshold
 
 
 def _lines(ax, cells: list[Cell], y, band=None) -> None:
-    """One line per method through ``y(cell)``, sorted by effective bits, with an optional CI band."""
+    """One line per method (and KV-cache setting) through ``y(cell)``, sorted by effective bits, with an
+    optional CI band. Artifacts and cache-only variants (all at 16 bits per weight) are labelled points."""
     order = list(FAMILY_COLORS)  # legend and drawing order: by library family, then method
-    for method in sorted({c.method for c in cells if c.method != "none"},
-                         key=lambda m: (order.index(family(m)) if family(m) in order else len(order), m)):
-        pts = sorted((c for c in cells if c.method == method and c.effective_bits is not None and y(c) is not None),
-                     key=lambda c: c.effective_bits)
+    series = sorted({(c.method, c.kv_bits or 16) for c in cells if c.method != "none"},
+                    key=lambda s: (order.index(family(s[0])) if family(s[0]) in order else len(order), s[0], -s[1]))
+    for method, kv in series:
+        pts = sorted((c for c in cells if c.method == method and (c.kv_bits or 16) == kv
+                      and c.effective_bits is not None and y(c) is not None), key=lambda c: c.effective_bits)
         if not pts:
             continue
         xs = [c.effective_bits for c in pts]
-        if method == "artifact":  # separate files: a labelled point each (with its CI as an error bar), no line
+        if method in ("artifact", "kv"):  # a labelled point each (with its CI as an error bar), no line
             _points(ax, pts, y, band)
             continue
+        kv_label = "" if kv == 16 else f" · kv{kv}"
         ax.plot(xs, [y(c) for c in pts], marker=method_marker(method), color=method_color(method),
-                label=method_legend(method))
+                linestyle="-" if kv == 16 else "--", label=method_legend(method) + kv_label)
         if band:
             lo_hi = [band(c) for c in pts]
             if all(b is not None for b in lo_hi):
@@ -188,14 +192,14 @@ def _lines(ax, cells: list[Cell], y, band=None) -> None:
 
 
 def _points(ax, pts: list[Cell], y, band=None) -> None:
-    """Artifacts: one marker per file, labelled by its file name and type."""
+    """Artifacts (one marker per file, labelled by its file name and type) or cache-only variants."""
     for i, c in enumerate(pts):
         b = band(c) if band else None
         yerr = None if b is None else [[max(y(c) - b[0], 0)], [max(b[1] - y(c), 0)]]
-        ax.errorbar([c.effective_bits], [y(c)], yerr=yerr, marker=method_marker("artifact"), linestyle="none",
-                    color=method_color("artifact"), capsize=3, label=method_legend("artifact") if i == 0 else None)
+        ax.errorbar([c.effective_bits], [y(c)], yerr=yerr, marker=method_marker(c.method), linestyle="none",
+                    color=method_color(c.method), capsize=3, label=method_legend(c.method) if i == 0 else None)
         ax.annotate(c.label, (c.effective_bits, y(c)), textcoords="offset points", xytext=(4, 4), fontsize=7,
-                    color=method_color("artifact"))
+                    color=method_color(c.method))
 
 
 def _quality(model: str, task: str, cells: list[Cell], out: Path, charts: list[Chart]) -> None:
@@ -237,6 +241,42 @@ def _kl(model: str, cells: list[Cell], out: Path, t: Thresholds, charts: list[Ch
     _save(fig, out, f"kl__{_slug(model)}", f"Mean KL vs effective bits ({model}), log scale", charts)
 
 
+def _kv_axis(model: str, cells: list[Cell], out: Path, t: Thresholds, charts: list[Chart]) -> None:
+    """WikiText-2 mean KL against the KV cache's bits, one line per weight setting ("w16" for unquantised
+    weights): whether a loss comes from the weights, the cache, or both. Drawn when some variant quantises
+    its cache."""
+    if not any(c.kv_bits for c in cells):
+        return
+    by_weights: dict[str, list[tuple[int, Cell]]] = {}
+    for c in cells:
+        weights = "w16" if c.method in ("none", "kv") else c.label.split(" · ")[0]
+        by_weights.setdefault(weights, []).append((c.kv_bits or 16, c))
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    xs_all = sorted({b for v in by_weights.values() for b, _ in v}, reverse=True)
+    for weights, pts in sorted(by_weights.items()):
+        pts = sorted(((b, c) for b, c in pts if c.value and c.value > 0), key=lambda p: -p[0])
+        if not pts:
+            continue
+        m = "kv" if weights == "w16" else pts[0][1].method
+        xs = [xs_all.index(b) for b, _ in pts]
+        ax.plot(xs, [c.value for _, c in pts], marker=method_marker(m), color=method_color(m), label=f"weights {weights}")
+        lo_hi = [c.ci for _, c in pts]
+        if all(b is not None for b in lo_hi):
+            ax.fill_between(xs, [max(b[0], 1e-6) for b in lo_hi], [b[1] for b in lo_hi], color=method_color(m),
+                            alpha=0.15)
+    ax.set_xticks(range(len(xs_all)), [f"kv{b}" for b in xs_all])
+    ax.axhline(t.kl_survives, linestyle=":", color="#2e7d32", label=f"survives < {t.kl_survives:g}")
+    ax.axhline(t.kl_collapses, linestyle=":", color="#c62828", label=f"collapses ≥ {t.kl_collapses:g}")
+    ax.set_yscale("log")
+    ax.set(title=f"{model} — WikiText-2 mean KL by KV-cache bits", xlabel="KV cache bits (kv16: not quantised)",
+           ylabel="mean KL(baseline ‖ variant), nats/token")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, out, f"kv__{_slug(model)}", f"Mean KL by KV-cache bits, one line per weight setting ({model}), "
+                                            f"log scale, 95% CI bands", charts)
+
+
 def _flips(model: str, cells: list[Cell], out: Path, charts: list[Chart]) -> None:
     tasks = sorted({c.task for c in cells})
     if not tasks:
@@ -258,7 +298,7 @@ def _pareto(model: str, cells: list[Cell], out: Path, t: Thresholds, charts: lis
     for c in cells:
         if c.kind == "quality" and c.decides and c.retained is not None and c.method != "none":
             per_variant.setdefault(c.label, []).append(c)
-    pts = [(vc[0].model_bytes / 1e6, float(np.mean([min(c.retained, 1.5) for c in vc])), vc[0])
+    pts = [(vc[0].size_bytes / 1e6, float(np.mean([min(c.retained, 1.5) for c in vc])), vc[0])
            for vc in per_variant.values() if vc[0].model_bytes]
     if not pts:
         return
@@ -277,7 +317,9 @@ def _pareto(model: str, cells: list[Cell], out: Path, t: Thresholds, charts: lis
         ax.scatter([], [], color=method_color(method), marker=method_marker(method), label=method_legend(method))
     ax.axhline(1.0, linestyle="--", color=METHOD_COLORS["none"], label="baseline")
     ax.axhline(t.survives, linestyle=":", color="#2e7d32", label=f"survives ≥ {t.survives:g}")
-    ax.set(title=f"{model} — quality vs size", xlabel="model size, MB",
+    ctx = next((c.kv_context for _, _, c in pts if c.kv_context), None)
+    size = f"weights + KV cache at {ctx:,} tokens, MB" if ctx else "model size, MB"
+    ax.set(title=f"{model} — quality vs size", xlabel=size,
            ylabel="mean retained quality (tasks above floor)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
@@ -311,9 +353,10 @@ def _by_tag(model: str, task: str, tag: str, runs: list[RunData], out: Path, cha
     ax = fig.add_subplot()
     for rec, xs, ys in sorted(series, key=lambda s: -_effective_bits(s[0])):
         v = rec.variant
-        color = METHOD_COLORS["none"] if v.method == "none" else BIT_COLORS.get(v.bits, "#9467bd")
-        style = {"none": "--", "rtn": "-", "gptq": "-.", "awq": ":"}.get(v.method, "-")
-        ax.plot(xs, ys, marker="o", color=color, linestyle=style, label=v.label)
+        bits = v.bits or (v.kv or {}).get("bits")  # a cache-only variant: coloured by its cache's bits
+        color = METHOD_COLORS["none"] if v.method == "none" else BIT_COLORS.get(bits, "#9467bd")
+        style = {"none": "--", "rtn": "-", "gptq": "-.", "awq": ":", "kv": (0, (1, 1))}.get(v.method, "-")
+        ax.plot(xs, ys, marker="h" if v.kv else "o", color=color, linestyle=style, label=v.label)
         ns = [(rec.breakdown[tag].get(k) or {}).get("n") for _, k in _tag_values(rec.breakdown[tag])]
         if all(isinstance(n, int) and n > 0 for n in ns) and all(y is not None and 0 <= y <= 1 for y in ys):
             lo_hi = [wilson(y, n) for y, n in zip(ys, ns)]  # a 0/1 primary: Wilson 95% intervals
@@ -392,8 +435,10 @@ def _kl_buckets(model: str, task: str, runs: list[RunData], out: Path, charts: l
         if v.method == "none" or not byp:
             continue
         labels = list(byp) if len(byp) > len(labels) else labels
-        ax.plot(range(len(byp)), [b["kl_mean"] for b in byp.values()], marker=method_marker(v.method),
-                color=method_color(v.method), linestyle={8: ":", 4: "-", 3: "--", 2: "-."}.get(v.bits, "-"), label=v.label)
+        bits = v.bits or (v.kv or {}).get("bits")  # a cache-only variant: its cache's bits
+        ax.plot(range(len(byp)), [b["kl_mean"] for b in byp.values()],
+                marker="h" if v.kv else method_marker(v.method), color=method_color(v.method),
+                linestyle={8: ":", 4: "-", 3: "--", 2: "-."}.get(bits, "-"), label=v.label)
     if not labels:
         return
     ax.set_xticks(range(len(labels)), labels)

@@ -166,12 +166,19 @@ def cell_text(c: Cell) -> str:
     return f"{_fmt(c.value, '{:.3g}')}{ci}<br><b>{esc(c.verdict)}</b>"
 
 
+def _kv_note(c: Cell) -> str:
+    """`` + KV 94 MB @ 4,096``: the cache's packed bytes at the stated context, beside the weights'."""
+    if c.kv_bytes is None or not c.kv_context:
+        return ""
+    return f" + KV {c.kv_bytes / 1e6:.0f} MB @ {c.kv_context:,}"
+
+
 def _matrix(model: str, cells: list[Cell], pages: dict) -> str:
     mc = [c for c in cells if c.model == model]
     cols = _columns(mc)
     rows = list(dict.fromkeys(c.row for c in mc))
     head = "".join(f"<th>{esc(c.label)}<br><small>{_fmt(c.effective_bits, '{:.2f}')} bits · "
-                   f"{_fmt((c.model_bytes or 0) / 1e6, '{:.0f}')} MB</small></th>" for c in cols)
+                   f"{_fmt((c.model_bytes or 0) / 1e6, '{:.0f}')} MB{_kv_note(c)}</small></th>" for c in cols)
     lookup = {(c.row, c.label): c for c in mc}
     body = []
     for row in rows:
@@ -224,8 +231,10 @@ def _recommendation(rec: dict, sources: dict | None = None) -> str:
             tasks = ", ".join(r["tasks"])
             if r.get("variant"):
                 note = source_format_note(r["variant"], (sources or {}).get(model))
+                kv = (f" + KV cache {r['kv_bytes'] / 1e6:.1f} MB at {r['kv_context']:,} tokens"
+                      if r.get("kv_bytes") and r.get("kv_context") else "")
                 lis.append(f"<li><b>{esc(kind)}</b> ({esc(tasks)}): ship <b>{esc(r['variant'])}</b> — "
-                           f"{_fmt((r['model_bytes'] or 0) / 1e6, '{:.1f}')} MB, "
+                           f"{_fmt((r['model_bytes'] or 0) / 1e6, '{:.1f}')} MB{esc(kv)}, "
                            f"{_fmt(r['effective_bits'], '{:.2f}')} bits/weight{esc(note)}</li>")
             else:
                 lis.append(f"<li><b>{esc(kind)}</b> ({esc(tasks)}): {esc(r['reason'])}</li>")
