@@ -251,6 +251,37 @@ class ArtifactConfig(MethodConfig):
     uses_sym = False
 
 
+MIXED_BASES = ("rtn", "gptq")  # bases whose units apply alone (AWQ folds its scales into other modules)
+
+
+@dataclass
+class MixedConfig(MethodConfig):
+    """One bit width per unit (a block's q/k/v, o, gate/up, down) from ``choices``, chosen by an exact
+    dynamic-programming solve to minimise the summed sensitivity KL within ``budget`` effective bits per
+    weight (scales and zeros counted), then quantised by ``base`` (``quanteval.methods.mixed``)."""
+
+    name: str = "mixed"
+    base: str = "rtn"  # rtn | gptq
+    budget: float = 3.8  # effective bits per quantised weight, scales and zero points included
+    choices: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
+
+    @property
+    def label_name(self) -> str:
+        return f"mixed-{self.base}"
+
+    def __post_init__(self) -> None:
+        _check(self.base != "mixed", "method.base=mixed: the base must be a method that quantises units itself "
+                                     f"({', '.join(MIXED_BASES)})")
+        _check(self.base in MIXED_BASES, f"method.base={self.base!r}: must be one of {', '.join(MIXED_BASES)}")
+        choices = list(self.choices)
+        _check(len(choices) >= 1 and len(set(choices)) == len(choices),
+               f"method.choices={choices}: must be distinct bit widths")
+        bad = [b for b in choices if not isinstance(b, int) or b not in BITS_RANGE]
+        _check(not bad, f"method.choices={choices}: method.base={self.base} supports 2..8 bits, not {bad[0] if bad else ''}")
+        _check(isinstance(self.budget, (int, float)) and not isinstance(self.budget, bool),
+               f"method.budget={self.budget!r}: must be a number (effective bits per weight)")
+
+
 @dataclass
 class TaskConfig:
     """Base of every task's settings. ``kind`` picks the evaluator (``quanteval.evaluate.TASKS``)."""
@@ -287,6 +318,27 @@ class LongWikiText2Config(WikiText2Config):
             v = getattr(self, k)
             _check(isinstance(v, int) and not isinstance(v, bool) and v > 1,
                    f"task.{k}={v!r}: must be an integer above 1")
+
+
+@dataclass
+class SensitivityConfig(TaskConfig):
+    """Per-unit sensitivity of the run's method and bits (``quanteval.sensitivity``): each unit quantised
+    alone, its KL to the baseline measured on WikiText-2 *validation* windows (never the test windows)."""
+
+    name: str = "sensitivity"
+    kind: str = "sensitivity"
+    file: str = "wikitext2/valid.txt"  # relative to data_dir; disjoint from the test file scored elsewhere
+    n_windows: int = 2  # validation windows (2 x 512: about 2.5 minutes per method and bits on 2 CPU cores)
+    seq_len: int = 512
+    top_k: int = 64  # baseline log-probs kept per position (+ tail mass), as task=wikitext2
+    sample: Optional[int] = None  # units measured (null: all); the rest predicted by the proxy
+
+    def __post_init__(self) -> None:
+        for k in ("n_windows", "seq_len", "top_k"):
+            v = getattr(self, k)
+            _check(isinstance(v, int) and not isinstance(v, bool) and v > 1, f"task.{k}={v!r}: must be an integer above 1")
+        _check(self.sample is None or (isinstance(self.sample, int) and self.sample >= 3),
+               f"task.sample={self.sample!r}: must be null (every unit) or an integer >= 3")
 
 
 @dataclass
@@ -454,6 +506,15 @@ class RunConfig:
         _check(self.sandbox in ("bwrap", "none"), f"sandbox={self.sandbox!r}: must be bwrap or none (unsafe)")
         _check(self.runtime in ("fakequant", "packed"), f"runtime={self.runtime!r}: must be fakequant or packed")
         _check(self.kernel in ("auto", "triton", "torch"), f"kernel={self.kernel!r}: must be auto, triton or torch")
+        if self.method.name == "mixed":
+            from quanteval.methods_bits import effective_bits
+
+            eff = {b: effective_bits(b, self.group_size, self.sym) for b in self.method.choices}
+            lo, hi = min(eff.values()), max(eff.values())
+            _check(lo <= self.method.budget <= hi,
+                   f"method.budget={self.method.budget:g}: must lie between the choices' effective bits at "
+                   f"group_size={self.group_size}: {lo:.2f} (w{min(eff, key=eff.get)}) and {hi:.2f} "
+                   f"(w{max(eff, key=eff.get)})")
         if self.method.name == "artifact":
             _check(bool(self.artifact), "artifact: required for method=artifact (a .gguf file or a compressed-tensors "
                                         "checkpoint folder; a comma list sweeps several)")

@@ -54,17 +54,21 @@ def quantize(run: Run, ctx: TaskContext) -> QuantResult:
 
     def compute() -> QuantResult:
         method = METHODS[variant.method.name]
+        extra = {}
+        if variant.method.name == "mixed":  # its sensitivity tables first (found by key, run when missing)
+            extra["rows_by_bits"] = sensitivity_rows(run, ctx.session)
+            ctx.loaded = ctx.session.model(variant)  # the tables' runs leave the baseline weights in place
         model = ctx.loaded.model
         adapter = adapter_for(model)
         calib = None
-        if method.calibration == "inputs":
+        if method.calibration == "inputs" and getattr(variant.method, "base", None) != "rtn":
             calib = ctx.session.calibration(variant, ctx.loaded, ctx.data_root, adapter)
         elif method.calibration == "ids":
             calib = CalibrationIds(ctx.session.calibration_ids(variant, ctx.loaded, ctx.data_root),
                                    ctx.loaded.tokenizer)
         spec = QuantSpec(variant.bits, variant.group_size, variant.sym, variant.quantize_embeddings)
         torch.manual_seed(variant.seed)
-        result = method.compute(model, adapter, spec, variant.method, calib)
+        result = method.compute(model, adapter, spec, variant.method, calib, **extra)
         result.info["from_cache"] = False
         return result
 
@@ -77,6 +81,33 @@ def quantize(run: Run, ctx: TaskContext) -> QuantResult:
     if not METHODS[variant.method.name].cached:  # read from a file (method=artifact): kept in memory only
         return ctx.session.kept(variant.quant_key, compute)
     return ctx.cached(run.quant_path, compute, save=lambda path, result: result.save(path), load=load)
+
+
+def sensitivity_runs(run: Run) -> list[Run]:
+    """The ``task=sensitivity`` runs a ``method=mixed`` variant reads: its base method at each of its
+    choices, with the run's model, group size and symmetry (the base's default knobs, no KV quantisation,
+    WikiText-2 validation windows of the preset's length)."""
+    from quanteval.config import GPTQConfig, RTNConfig, SensitivityConfig
+
+    m = run.cfg.method
+    base = {"rtn": RTNConfig, "gptq": GPTQConfig}[m.base]()
+    task = SensitivityConfig(seq_len=run.cfg.preset.seq_len)  # the preset's window length (512 by default)
+    return [Run.of(dataclasses.replace(run.cfg, method=base, bits=b, task=task, kv_bits=16,
+                                       use_preset_grid=False, rerun=False))
+            for b in sorted(m.choices)]
+
+
+def sensitivity_rows(run: Run, session: Session) -> dict[int, list[dict]]:
+    """{bits: the sensitivity table's rows} for ``run``'s mixed variant, computing the missing tables."""
+    from quanteval.evaluate.generative import read_items
+
+    out = {}
+    for table in sensitivity_runs(run):
+        rec = run_one(table, session)
+        if rec.get("status") != "ok":
+            raise RuntimeError(f"method=mixed: its sensitivity table {table.path.name} failed: {rec.get('error')}")
+        out[table.cfg.bits] = read_items(table.items_path)
+    return out
 
 
 def _versions() -> dict:
@@ -259,7 +290,11 @@ def _compute(run: Run, session: Session) -> dict:
             t0 = time.perf_counter()
             result = quantize(run, ctx)
             session.modified(swapped=variant.runtime == "packed" or result.swaps_modules)
-            if variant.runtime == "packed":
+            if not getattr(task, "applies_result", True):  # the task applies it itself (task=sensitivity):
+                ctx.result = result  # it gets the baseline weights back (computing GPTQ wrote into them)
+                ctx.loaded = loaded = session.model(variant)
+                model = loaded.model
+            elif variant.runtime == "packed":
                 from quanteval.packed import pack_model
 
                 pack_model(model, result, backend=variant.kernel)

@@ -29,7 +29,7 @@ from typing import Optional
 
 import quanteval
 from quanteval import results
-from quanteval.config import ArtifactConfig, AutoRoundConfig, MethodConfig, ModelConfig, RunConfig
+from quanteval.config import ArtifactConfig, AutoRoundConfig, MethodConfig, MixedConfig, ModelConfig, RunConfig
 from quanteval.kvsize import KVSpec
 
 NOT_IN_QUANT_KEY = ("task", "preset", "git", "runtime", "kv")  # run settings that do not change the weights
@@ -114,6 +114,8 @@ class Variant:
                 no_format = str(e)
         if isinstance(method_cfg, AutoRoundConfig) and method_cfg.iters is None:
             method_cfg = dataclasses.replace(method_cfg, iters=cfg.preset.autoround_iters)  # the preset's
+        if isinstance(method_cfg, MixedConfig):  # its bits are per unit (method.budget, method.choices)
+            bits = None
         artifact = None
         if isinstance(method_cfg, ArtifactConfig):  # a file: its type and bits are its own (cfg.bits is ignored)
             from quanteval.artifacts import inspect
@@ -152,6 +154,9 @@ class Variant:
             return f"{self.method.label_name} {self.format}"
         if self.no_format is not None:
             return f"{self.method.label_name} w{self.bits} (no type)"
+        if isinstance(self.method, MixedConfig):  # "mixed-gptq 3.8b g64"
+            return f"{self.method.label_name} {self.method.budget:g}b g{self.group_size}" + \
+                (" sym" if self.sym else "")
         label = f"{self.method.label_name} w{self.bits}"
         if self.method.uses_group_size:
             label += f" g{self.group_size}"

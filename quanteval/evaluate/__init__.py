@@ -62,6 +62,8 @@ class TaskContext:
     # the same variant's other generative runs still to compute in this process (TaskContexts): their
     # answers may be generated in this run's batch (quanteval.evaluate.generative.generate_together)
     siblings: list = field(default_factory=list)
+    # the variant's quantisation result, for a task that applies it itself (``applies_result = False``)
+    result: Any = None
 
     @property
     def cfg(self):
@@ -258,8 +260,15 @@ def _generative(task_config):
 
 
 # task config kind -> the class that runs it (conf/task/<name>.yaml or tasks/<name>.yaml picks the kind)
+def _sensitivity(task_config):
+    from quanteval.evaluate.sensitivity import SensitivityTask
+
+    return SensitivityTask(task_config)
+
+
 TASKS: dict[str, Callable[[Any], Task]] = {
     "wikitext2": WikiText2,
+    "sensitivity": _sensitivity,  # per-unit KL of one method and bits (quanteval.sensitivity)
     "generative": _generative,  # every tasks/<name>.yaml
     "lmeval": LMEvalTask,
 }

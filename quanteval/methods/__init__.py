@@ -32,6 +32,16 @@ class QuantSpec:
     group_size: int
     sym: bool
     quantize_embeddings: bool = False
+    # per-layer bits that override ``bits`` (method=mixed): (module path, bits) pairs
+    layer_bits: tuple[tuple[str, int], ...] = ()
+
+    def bits_for(self, name: str) -> int:
+        """The bits of the linear at module path ``name``.
+
+        >>> QuantSpec(4, 64, False, layer_bits=(("model.layers.0.mlp.down_proj", 8),)).bits_for("model.layers.0.mlp.down_proj")
+        8
+        """
+        return dict(self.layer_bits).get(name, self.bits)
 
 
 @dataclass
@@ -183,7 +193,7 @@ def rtn_model(model, adapter, spec: QuantSpec, method_cfg=None, calib=None) -> Q
     layers = {}
     for name in quantized_layer_names(model, adapter, spec):
         w = model.get_submodule(name).weight.detach()
-        layers[name] = rtn_layer(w, spec.bits, spec.group_size, spec.sym).cpu()
+        layers[name] = rtn_layer(w, spec.bits_for(name), spec.group_size, spec.sym).cpu()
     return QuantResult(layers=layers)
 
 
@@ -252,6 +262,9 @@ METHODS: dict[str, Method | None] = {
                         library=("auto_round", "methods")),
     # a file people already have (a GGUF file, a compressed-tensors folder), against its base
     "artifact": Method(_lazy("quanteval.methods.artifact", "artifact_model"), affine=False, cached=False),
+    # one bit width per unit under a budget, from sensitivity tables (quanteval/methods/mixed.py); its
+    # base's calibration (GPTQ's block inputs) is captured for any base, RTN ignores it
+    "mixed": Method(_lazy("quanteval.methods.mixed", "mixed_model"), calibration="inputs"),
 }
 
 # FormatQuant.module -> builder(linear, layer) of the module a layer runs as (see apply_result)

@@ -296,7 +296,7 @@ def gptq_model(model, adapter, spec: QuantSpec, method_cfg: GPTQConfig, calib: B
             modules = [block.get_submodule(lin) for lin in group]
             w = torch.cat([m.weight for m in modules])  # (sum of outs, in)
             lq, stats = hessians[group[0]].quantize(
-                w, spec.bits, spec.group_size, spec.sym,
+                w, spec.bits_for(f"{prefix}.{group[0]}"), spec.group_size, spec.sym,
                 block_size=method_cfg.block_size, damp=method_cfg.damp, act_order=method_cfg.act_order,
                 static_groups=method_cfg.static_groups, max_damp=method_cfg.max_damp,
                 name=f"{prefix}.{'+'.join(group)}",

@@ -216,11 +216,18 @@ def kinds_of_work(metas: dict[str, TaskMeta]) -> dict[str, list[str]]:
     return dict(sorted(kinds.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
 
 
+def is_table_run(rec: RunRecord) -> bool:
+    """Whether a run is a table of its own (``task=sensitivity``), not a score with a verdict."""
+    return (rec.task_meta is not None and rec.task_meta.kind == "sensitivity") or rec.task == "sensitivity"
+
+
 def build_cells(runs: list[RunData], t: Thresholds) -> tuple[list[Cell], list[str]]:
     """Every cell of every model's matrix, and warnings (e.g. mixed evaluation settings)."""
     warnings: list[str] = []
     groups: dict[tuple[str, str, str], list[RunData]] = {}
     for r in runs:
+        if is_table_run(r.rec):  # a sensitivity table is not scored against the baseline: its own chart
+            continue
         groups.setdefault((r.rec.model.name or "?", r.rec.task or "?", _signature(r.rec)), []).append(r)
     per_task: dict[tuple[str, str], list[str]] = {}
     for model, task, sig in groups:

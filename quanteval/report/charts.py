@@ -148,6 +148,7 @@ def write_charts(cells: list[Cell], runs: list[RunData], out: Path, t: Threshold
             _quality(model, task, [c for c in mc if c.task == task and c.kind == "quality"], out, charts)
         _kl(model, [c for c in mc if c.task == "wikitext2" and c.metric == "kl_mean"], out, t, charts)
         _kv_axis(model, [c for c in mc if c.task == "wikitext2" and c.metric == "kl_mean"], out, t, charts)
+        _mixed(model, mruns, out, charts)
         _flips(model, [c for c in mc if c.kind == "quality" and c.flips is not None], out, charts)
         _pareto(model, mc, out, t, charts)
         for task in sorted({r.rec.task or "?" for r in mruns}):
@@ -161,6 +162,8 @@ def write_charts(cells: list[Cell], runs: list[RunData], out: Path, t: Threshold
                     _heatmap(model, task, [str(x) for x in hint["heatmap"]], truns, out, charts)
                 elif hint.get("kl_by_position_bucket"):
                     _kl_buckets(model, task, truns, out, charts)
+                elif hint.get("sensitivity"):
+                    _sensitivity(model, truns, out, charts)
                 else:
                     log.warning("%s: chart hint %s is not one the report draws (by_tag, kl_by_position, heatmap, "
                                 "kl_by_position_bucket)", task, hint)
@@ -423,6 +426,88 @@ def _heatmap(model: str, task: str, tags: list[str], runs: list[RunData], out: P
     fig.suptitle(f"{model} — {task}: accuracy by {ytag} and {xtag} (numbers: items per square)")
     _save(fig, out, f"{_slug(task)}_{_slug(ytag)}_x_{_slug(xtag)}__{_slug(model)}",
           f"{task} accuracy by {ytag} x {xtag}, each variant beside the baseline ({model})", charts)
+
+
+def _mixed(model: str, runs: list[RunData], out: Path, charts: list[Chart]) -> None:
+    """Mixed-precision variants: the width each unit was given (blocks x unit types), and the solve's
+    predicted KL (the sum of the units' sensitivity KL, on validation windows) beside the measured
+    WikiText-2 test KL, since additivity is an assumption."""
+    mixed = {}
+    for r in runs:
+        info = (r.rec.quantization or {}).get("mixed")
+        if info and r.rec.task == "wikitext2":
+            mixed[r.rec.variant.label or "?"] = (info, r.rec.metrics.get("kl_mean"))
+    if not mixed:
+        return
+    labels = sorted(mixed)
+    fig = Figure(figsize=(2.4 * len(labels) + 4.8, 5.6))
+    im = None
+    for i, label in enumerate(labels):
+        bits = mixed[label][0].get("bits") or {}
+        kinds = list(dict.fromkeys(u.split(".", 1)[1] for u in bits))
+        n_blocks = 1 + max(int(u.split(".", 1)[0]) for u in bits)
+        grid = np.full((n_blocks, len(kinds)), np.nan)
+        for u, b in bits.items():
+            blk, kind = u.split(".", 1)
+            grid[int(blk), kinds.index(kind)] = b
+        ax = fig.add_subplot(1, len(labels) + 1, i + 1)
+        im = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis", vmin=2, vmax=8)
+        ax.set_xticks(range(len(kinds)), kinds, fontsize=7, rotation=30)
+        ax.set_ylabel("block", fontsize=8)
+        ax.set_title(f"{label}\n{mixed[label][0].get('effective_bits', 0):.2f} bits", fontsize=8)
+    fig.colorbar(im, ax=fig.axes[:len(labels)], shrink=0.8, label="bits given to the unit")
+    ax = fig.add_subplot(1, len(labels) + 1, len(labels) + 1)
+    pts = [(mixed[lab][0].get("predicted_kl"), mixed[lab][1], lab) for lab in labels]
+    pts = [(p, m, lab) for p, m, lab in pts if isinstance(p, (int, float)) and isinstance(m, (int, float))]
+    for p, m, lab in pts:
+        ax.scatter(p, m, color=method_color("gptq" if "gptq" in lab else "rtn"), zorder=3)
+        ax.annotate(lab, (p, m), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    if pts:
+        lo = min(min(p, m) for p, m, _ in pts) * 0.8
+        hi = max(max(p, m) for p, m, _ in pts) * 1.25
+        ax.plot([lo, hi], [lo, hi], linestyle="--", color="#888", label="measured = predicted")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    ax.set(xlabel="predicted KL (sum of units, validation)", ylabel="measured KL (WikiText-2 test)")
+    ax.set_title("predicted vs measured", fontsize=8)
+    fig.suptitle(f"{model} — mixed precision: the widths chosen, and the solve's prediction against the measurement")
+    _save(fig, out, f"mixed__{_slug(model)}", f"Mixed-precision variants: bits per unit, predicted vs measured KL "
+                                               f"({model})", charts)
+
+
+def _sensitivity(model: str, runs: list[RunData], out: Path, charts: list[Chart]) -> None:
+    """Sensitivity tables: blocks x unit types, coloured by each unit's KL alone (log scale), a panel per
+    method and bits, with the proxy's Spearman rho in the panel's title."""
+    panels = []
+    for r in sorted(runs, key=lambda r: (r.rec.variant.label or "")):
+        if not r.items:
+            continue
+        kinds = list(dict.fromkeys(str(it.get("kind")) for it in r.items))
+        n_blocks = 1 + max(int(it.get("block", 0)) for it in r.items)
+        grid = np.full((n_blocks, len(kinds)), np.nan)
+        for it in r.items:
+            v = it.get("predicted")
+            if isinstance(v, (int, float)) and v > 0:
+                grid[int(it["block"]), kinds.index(str(it["kind"]))] = np.log10(v)
+        panels.append((r.rec.variant.label or "?", r.rec.metrics.get("proxy_rho"), kinds, grid))
+    if not panels:
+        return
+    finite = np.concatenate([p[3][np.isfinite(p[3])] for p in panels]) if panels else np.array([])
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (-6.0, 0.0)
+    fig = Figure(figsize=(2.6 * len(panels) + 1.2, 6.0))
+    im = None
+    for i, (label, rho, kinds, grid) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        im = ax.imshow(grid, aspect="auto", origin="lower", cmap="magma_r", vmin=vmin, vmax=vmax)
+        ax.set_xticks(range(len(kinds)), kinds, fontsize=7, rotation=30)
+        ax.set_ylabel("block", fontsize=8)
+        rho_txt = f"proxy ρ {rho:.2f}" if isinstance(rho, (int, float)) else "proxy ρ –"
+        ax.set_title(f"{label}\n{rho_txt}", fontsize=8)
+    fig.colorbar(im, ax=fig.axes, shrink=0.8, label="log10 KL to the baseline, that unit alone")
+    fig.suptitle(f"{model} — sensitivity: each unit quantised alone (WikiText-2 validation windows)")
+    _save(fig, out, f"sensitivity__{_slug(model)}",
+          f"Per-unit sensitivity: KL with only that unit quantised, blocks x unit types ({model})", charts)
 
 
 def _kl_buckets(model: str, task: str, runs: list[RunData], out: Path, charts: list[Chart]) -> None:

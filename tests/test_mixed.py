@@ -1,0 +1,114 @@
+"""Sensitivity tables (quanteval.sensitivity, task=sensitivity) and method=mixed (quanteval.methods.mixed):
+the exact solve against brute force, a table's units against a direct measurement, bad input, and a sweep."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+
+from conftest import run_cli
+from quanteval.methods.mixed import plan, solve
+from quanteval.sensitivity import spearman
+
+
+def test_solve_is_exact_against_brute_force():
+    rng = random.Random(0)
+    for _ in range(30):
+        n, k = rng.randint(1, 5), rng.randint(1, 3)
+        kl = [[rng.random() for _ in range(k)] for _ in range(n)]
+        cost = [[rng.randint(1, 6) for _ in range(k)] for _ in range(n)]
+        cap = rng.randint(sum(map(min, cost)), sum(map(max, cost)))
+        best = min((sum(kl[u][c] for u, c in enumerate(cs)), cs) for cs in itertools.product(range(k), repeat=n)
+                   if sum(cost[u][c] for u, c in enumerate(cs)) <= cap)
+        choices, total = solve(kl, cost, cap)
+        assert sum(cost[u][c] for u, c in enumerate(choices)) <= cap
+        assert total == pytest.approx(best[0]) and sum(kl[u][c] for u, c in enumerate(choices)) == pytest.approx(total)
+
+
+def test_plan_meets_the_budget_and_spends_bits_where_kl_is():
+    sizes = {f"b{i}.{k}": (64, 128) for i in range(3) for k in "xy"}
+    rows = {b: [{"unit": f"{i}.{k}", "layers": [f"b{i}.{k}"], "predicted": (10.0 if (i, k) == (1, "y") else 1.0)
+                 / 4 ** b} for i in range(3) for k in "xy"] for b in (2, 4)}
+    p = plan(rows, sizes, 64, False, budget=2.7)  # w2 is 2.28 bits, w4 4.31: room for one unit at w4
+    assert p["effective_bits"] <= 2.7
+    assert p["bits"]["1.y"] == 4 and sum(v == 4 for v in p["bits"].values()) == 1  # the one sensitive unit
+    uniform = plan(rows, sizes, 64, False, budget=(2 * 65 + 16) / 64)
+    assert set(uniform["bits"].values()) == {2}
+
+
+def test_spearman():
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1)
+    assert spearman([1, 2, 3, 4], [1, 1, 2, 2]) == pytest.approx(0.894427, abs=1e-5)
+
+
+@torch.no_grad()
+def test_a_units_table_entry_is_the_kl_of_that_unit_alone(tiny_model, tiny_data):
+    """The block-input shortcut gives the KL a full forward with only that unit quantised gives."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quanteval.evaluate import fidelity
+    from quanteval.methods import QuantSpec, rtn_model
+    from quanteval.models import ADAPTERS
+    from quanteval.sensitivity import measure
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    adapter = ADAPTERS["llama"]
+    windows = fidelity.make_windows(tok, (tiny_data / "wikitext2" / "valid.txt").read_text(), 2, 48)
+    result = rtn_model(model, adapter, QuantSpec(2, 16, False))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    table = measure(model, adapter, windows, result.layers, top_k=16)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the baseline is left in place
+    assert len(table.units) == 8 and all(k is not None and k > 0 for k in table.kl)
+    base = fidelity.baseline_stats(model, windows, 16)
+    j = 6  # block 1 (units 4..7): q/k/v, o, gate/up, down
+    u = table.units[j]
+    assert u.name == "1.gate/up"
+    for name in u.layers:
+        model.get_submodule(name).weight.data.copy_(result.layers[name].dequantize())
+    direct = fidelity.compare(model, windows, base)["kl_mean"]
+    assert table.kl[j] == pytest.approx(direct, rel=1e-4)
+
+
+def _args(tiny_model, tiny_data, results, *extra):
+    return ["model=hf", f"model.name_or_path={tiny_model}", f"data_dir={tiny_data}", f"results_dir={results}",
+            "preset=smoke", "preset.n_windows=2", "preset.seq_len=64", "group_size=16", *extra]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["method.budget=1.5"], "method.budget=1.5: must lie between the choices' effective bits"),
+    (["method.budget=10"], "method.budget=10: must lie between"),  # w8 at g16 is 9.5 bits
+    (["method.choices=[2,9]"], "method.choices=[2, 9]: method.base=rtn supports 2..8 bits, not 9"),
+    (["method.base=mixed"], "method.base=mixed"),
+    (["method.base=awq"], "method.base='awq'"),
+])
+def test_bad_mixed_input_names_the_field(tiny_model, tiny_data, tmp_path, extra, needle):
+    proc = run_cli(*_args(tiny_model, tiny_data, tmp_path, "method=mixed", "task=wikitext2", *extra))
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+def test_mixed_sweep_computes_its_tables_then_meets_its_budget(tiny_model, tiny_data, tmp_path):
+    base = _args(tiny_model, tiny_data, tmp_path)
+    proc = run_cli(*base, "method=none,rtn", "bits=2,4", "task=wikitext2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cli(*base, "method=mixed", "method.choices=[2,4]", "method.budget=3.5", "task=wikitext2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "default" / "runs").glob("*.json")]
+    tables = [r for r in runs if r["task"] == "sensitivity"]
+    assert sorted(r["variant"]["bits"] for r in tables) == [2, 4]
+    for r in tables:
+        assert r["metrics"]["n_units"] == 8 and r["metrics"]["n_measured"] == 8
+    mixed = next(r for r in runs if r["variant"]["label"].startswith("mixed-rtn"))
+    info = mixed["quantization"]["mixed"]
+    assert info["effective_bits"] <= 3.5 and set(info["bits"].values()) <= {2, 4}
+    assert mixed["compression"]["effective_bits"] == pytest.approx(info["effective_bits"])
+    kl = {r["variant"]["label"]: r["metrics"]["kl_mean"] for r in runs if r["task"] == "wikitext2"}
+    assert kl["rtn w4 g16"] <= kl[mixed["variant"]["label"]] <= kl["rtn w2 g16"]
+    report = tmp_path / "default" / "report"
+    assert list(report.glob("sensitivity__*.png")) and list(report.glob("mixed__*.png"))
+    assert mixed["variant"]["label"] in (report / "index.html").read_text()  # a column like any other
