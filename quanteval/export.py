@@ -289,13 +289,19 @@ def export(run: str | Path, out_dir: str | Path, results_dir: str | Path = "resu
         raise ExportError(f"{run_file.name}: method={name} makes a non-affine result ({v.get('label')}), which "
                           f"compressed-tensors' integer format cannot hold; export takes affine methods "
                           f"({', '.join(k for k, m in METHODS.items() if m is not None and m.affine)})")
+    if v.get("method") == "kv":
+        raise ExportError(f"{run_file.name} quantises the KV cache only ({v.get('label')}): its weights are the "
+                          f"baseline's, nothing to export")
     held = format_bits()
-    if v["bits"] not in held:
+    if v["bits"] is not None and v["bits"] not in held:
         raise ExportError(f"bits={v['bits']}: compressed-tensors' pack-quantized format holds "
                           f"{', '.join(map(str, held))}-bit integers")
     result = cached_result(run_file, record)  # before the model loads: a missing cache fails fast
     for lq in (result.layers.values() if result is not None else ()):
         check_contiguous_groups(lq)
+        if lq.bits not in held:  # method=mixed: each layer's own bits (a config group per width)
+            raise ExportError(f"bits={lq.bits}: compressed-tensors' pack-quantized format holds "
+                              f"{', '.join(map(str, held))}-bit integers")
     loaded = load_run_model(record)
     if result is None:
         result = recompute_result(record, loaded.model)

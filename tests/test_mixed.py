@@ -112,3 +112,59 @@ def test_mixed_sweep_computes_its_tables_then_meets_its_budget(tiny_model, tiny_
     report = tmp_path / "default" / "report"
     assert list(report.glob("sensitivity__*.png")) and list(report.glob("mixed__*.png"))
     assert mixed["variant"]["label"] in (report / "index.html").read_text()  # a column like any other
+
+
+@pytest.fixture(scope="module")
+def mixed_export(tiny_model, tiny_data, tmp_path_factory):
+    pytest.importorskip("compressed_tensors")
+    from quanteval import export as ex
+    from quanteval import results
+    from quanteval.methods import QuantResult
+
+    res = tmp_path_factory.mktemp("mixed_export")
+    proc = run_cli(*_args(tiny_model, tiny_data, res, "method=mixed", "method.choices=[2,4]",
+                          "method.budget=3.6", "task=wikitext2"))  # w2 is 3.125 bits at g16, w4 5.25
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = (res / "default" / "runs").glob("wikitext2__*mixed-rtn*.json")
+    record = results.read_run(path)
+    assert set(record["quantization"]["mixed"]["bits"].values()) == {2, 4}
+    out = ex.export(path, res / "ckpt")
+    return out, QuantResult.load(ex.quant_cache_path(path, record))
+
+
+def test_mixed_exports_with_a_config_group_per_width(mixed_export):
+    """Each width is its own config group, and every layer's packed codes, read back by compressed-tensors'
+    own unpacking, are the run's codes."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors.torch import load_file
+
+    out, result = mixed_export
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    groups = {g["weights"]["num_bits"]: set(g["targets"]) for g in cfg["config_groups"].values()}
+    assert sorted(groups) == [2, 4]
+    tensors = load_file(out / "model.safetensors")
+    for name, lq in result.layers.items():
+        assert name in groups[lq.bits]
+        shape = torch.Size(tensors[f"{name}.weight_shape"].tolist())
+        codes = unpack_from_int32(tensors[f"{name}.weight_packed"], lq.bits, shape)
+        assert torch.equal(codes.to(torch.int16) + 2 ** (lq.bits - 1), lq.codes.to(torch.int16)), name
+        assert torch.equal(tensors[f"{name}.weight_scale"].float(), lq.scales.float()), name
+
+
+@pytest.mark.xfail(raises=AssertionError, strict=True,
+                   reason="transformers 5.24 + compressed-tensors 0.20 (dequantize=True): with two config groups, "
+                          "the second group's layers reload wrong (max |dw| about 0.09), though their files decode "
+                          "right with compressed-tensors' own unpack_from_int32 (the test above)")
+def test_mixed_export_reloads_in_transformers(mixed_export, tiny_model):
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from quanteval.methods import apply_result
+
+    out, result = mixed_export
+    fake = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    apply_result(fake, result)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                    quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    ids = torch.randint(0, fake.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, fake(ids).logits, rtol=0, atol=1e-5)
