@@ -455,7 +455,7 @@ def _mixed(model: str, runs: list[RunData], out: Path, charts: list[Chart]) -> N
         ax.set_xticks(range(len(kinds)), kinds, fontsize=7, rotation=30)
         ax.set_ylabel("block", fontsize=8)
         ax.set_title(f"{label}\n{mixed[label][0].get('effective_bits', 0):.2f} bits", fontsize=8)
-    fig.colorbar(im, ax=fig.axes[:len(labels)], shrink=0.8, label="bits given to the unit")
+    fig.colorbar(im, ax=fig.axes[:len(labels)], shrink=0.8, location="bottom", label="bits given to the unit")
     ax = fig.add_subplot(1, len(labels) + 1, len(labels) + 1)
     pts = [(mixed[lab][0].get("predicted_kl"), mixed[lab][1], lab) for lab in labels]
     pts = [(p, m, lab) for p, m, lab in pts if isinstance(p, (int, float)) and isinstance(m, (int, float))]
@@ -471,6 +471,7 @@ def _mixed(model: str, runs: list[RunData], out: Path, charts: list[Chart]) -> N
         ax.legend(fontsize=7)
     ax.set(xlabel="predicted KL (sum of units, validation)", ylabel="measured KL (WikiText-2 test)")
     ax.set_title("predicted vs measured", fontsize=8)
+    fig.subplots_adjust(wspace=0.5)
     fig.suptitle(f"{model} — mixed precision: the widths chosen, and the solve's prediction against the measurement")
     _save(fig, out, f"mixed__{_slug(model)}", f"Mixed-precision variants: bits per unit, predicted vs measured KL "
                                                f"({model})", charts)
