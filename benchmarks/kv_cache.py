@@ -15,19 +15,12 @@ per group of 32, and the key residual at 16 bits, otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 from pathlib import Path
 
+from long_context import _runs  # the sweep's run files by (task, label): benchmarks/long_context.py
+
 ORDER = ["baseline", "w16 · kv8", "w16 · kv4", "w16 · kv2", "rtn w4 g64", "rtn w4 g64 · kv4"]
-
-
-def _runs(sweep: Path) -> dict[tuple[str, str], dict]:
-    out = {}
-    for p in sorted((sweep / "runs").glob("*.json")):
-        rec = json.loads(p.read_text())
-        out[(rec["task"], rec["variant"]["label"])] = rec
-    return out
 
 
 def _fmt(v, spec="{:.3g}") -> str:
