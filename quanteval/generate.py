@@ -196,12 +196,9 @@ def _merge(cache_a, mask_a: torch.Tensor, cache_b, mask_b: torch.Tensor, reserve
 
 def kv_bytes_per_token(model) -> int:
     """Bytes of KV cache one token takes, from the model's config."""
-    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    itemsize = next(model.parameters()).element_size()
-    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * itemsize
+    from quanteval.kvcache import key_elements
+
+    return 2 * key_elements(model) * next(model.parameters()).element_size()
 
 
 def _free_bytes(device: torch.device) -> int:

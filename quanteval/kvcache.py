@@ -213,7 +213,7 @@ def check(config, spec: KVSpec) -> None:
 
 def key_elements(model) -> int:
     """Key elements one token takes in the cache (layers x KV heads x head dim); values take as many."""
-    cfg = model.config.get_text_config(decoder=True)
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
