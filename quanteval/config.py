@@ -251,7 +251,7 @@ class ArtifactConfig(MethodConfig):
     uses_sym = False
 
 
-MIXED_BASES = ("rtn", "gptq")  # bases whose units apply alone (AWQ folds its scales into other modules)
+MIXED_BASES = ("rtn", "gptq", "hqq")  # bases whose units apply alone (AWQ folds its scales into other modules)
 
 
 @dataclass
@@ -261,7 +261,7 @@ class MixedConfig(MethodConfig):
     weight (scales and zeros counted), then quantised by ``base`` (``quanteval.methods.mixed``)."""
 
     name: str = "mixed"
-    base: str = "rtn"  # rtn | gptq
+    base: str = "rtn"  # rtn | gptq | hqq
     budget: float = 3.8  # effective bits per quantised weight, scales and zero points included
     choices: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
 
@@ -276,6 +276,12 @@ class MixedConfig(MethodConfig):
         choices = list(self.choices)
         _check(len(choices) >= 1 and len(set(choices)) == len(choices),
                f"method.choices={choices}: must be distinct bit widths")
+        if self.base == "hqq":
+            from quanteval.formats import HQQ_BITS
+
+            bad = [b for b in choices if not isinstance(b, int) or b not in HQQ_BITS]
+            _check(not bad, f"method.choices={choices}: method.base=hqq supports "
+                            f"{', '.join(str(b) for b in sorted(HQQ_BITS))} bits, not {bad[0] if bad else ''}")
         bad = [b for b in choices if not isinstance(b, int) or b not in BITS_RANGE]
         _check(not bad, f"method.choices={choices}: method.base={self.base} supports 2..8 bits, not {bad[0] if bad else ''}")
         _check(isinstance(self.budget, (int, float)) and not isinstance(self.budget, bool),
@@ -507,9 +513,9 @@ class RunConfig:
         _check(self.runtime in ("fakequant", "packed"), f"runtime={self.runtime!r}: must be fakequant or packed")
         _check(self.kernel in ("auto", "triton", "torch"), f"kernel={self.kernel!r}: must be auto, triton or torch")
         if self.method.name == "mixed":
-            from quanteval.methods_bits import effective_bits
+            from quanteval.methods_bits import base_effective_bits
 
-            eff = {b: effective_bits(b, self.group_size, self.sym) for b in self.method.choices}
+            eff = {b: base_effective_bits(self.method.base, b, self.group_size, self.sym) for b in self.method.choices}
             lo, hi = min(eff.values()), max(eff.values())
             _check(lo <= self.method.budget <= hi,
                    f"method.budget={self.method.budget:g}: must lie between the choices' effective bits at "

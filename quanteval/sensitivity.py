@@ -111,9 +111,13 @@ class SensitivityTable:
     rho: float  # Spearman rho of proxy against measured KL, over the measured units
     proxy_used: bool  # whether unmeasured units were predicted from the proxy
 
+    storage_bits: list[int] | None = None  # per unit: the bits its quantised linears store (the mixed solve's cost)
+
     def rows(self) -> list[dict]:
+        bits = self.storage_bits or [None] * len(self.units)
         return [{"unit": u.name, "block": u.block, "kind": u.kind, "layers": list(u.layers), "kl": k,
-                 "proxy": p, "predicted": q} for u, k, p, q in zip(self.units, self.kl, self.proxy, self.predicted)]
+                 "proxy": p, "predicted": q, **({} if b is None else {"storage_bits": b})}
+                for u, k, p, q, b in zip(self.units, self.kl, self.proxy, self.predicted, bits)]
 
 
 class _Weights:
@@ -141,7 +145,8 @@ def _head(model, hidden: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def measure(model, adapter, windows: torch.Tensor, layers: dict, top_k: int = 64, sample: int | None = None,
             seed: int = 0) -> SensitivityTable:
-    """The sensitivity table of ``layers`` (a uniform result's LayerQuants, by module path) on ``windows``
+    """The sensitivity table of ``layers`` (a uniform result's weight-only layers, ``LayerQuant`` or
+    ``FormatQuant`` without a replacement module, by module path) on ``windows``
     (n, seq_len) of validation text; ``model`` holds the baseline weights and is left holding them."""
     from quanteval.calibration import capture_inputs
     from quanteval.evaluate.fidelity import _base_positions, _compare_positions
@@ -214,4 +219,7 @@ def measure(model, adapter, windows: torch.Tensor, layers: dict, top_k: int = 64
         alpha = sum(k for _, k in pairs) / max(sum(p for p, _ in pairs), 1e-30)  # KL ~ alpha * proxy
         predicted = [k if k is not None else alpha * p for k, p in zip(kl, px)]
         proxy_used = True
-    return SensitivityTable(all_units, kl, px, predicted, rho, proxy_used)
+    from quanteval.accounting import storage_bits
+
+    stored = [sum(storage_bits(layers[name]) for name in u.layers) for u in all_units]
+    return SensitivityTable(all_units, kl, px, predicted, rho, proxy_used, stored)

@@ -85,6 +85,8 @@ def _args(tiny_model, tiny_data, results, *extra):
     (["method.choices=[2,9]"], "method.choices=[2, 9]: method.base=rtn supports 2..8 bits, not 9"),
     (["method.base=mixed"], "method.base=mixed"),
     (["method.base=awq"], "method.base='awq'"),
+    (["method.base=hqq", "method.choices=[2,5]"], "method.choices=[2, 5]: method.base=hqq supports 2, 3, 4, 8 bits, not 5"),
+    (["method.base=hqq", "method.choices=[2,4]", "method.budget=6.5"], "method.budget=6.5: must lie between the choices' effective bits at group_size=16: 4.00 (w2) and 6.00 (w4)"),
 ])
 def test_bad_mixed_input_names_the_field(tiny_model, tiny_data, tmp_path, extra, needle):
     proc = run_cli(*_args(tiny_model, tiny_data, tmp_path, "method=mixed", "task=wikitext2", *extra))
@@ -112,6 +114,42 @@ def test_mixed_sweep_computes_its_tables_then_meets_its_budget(tiny_model, tiny_
     report = tmp_path / "default" / "report"
     assert list(report.glob("sensitivity__*.png")) and list(report.glob("mixed__*.png"))
     assert mixed["variant"]["label"] in (report / "index.html").read_text()  # a column like any other
+
+
+def test_plan_costs_units_by_the_bits_their_tables_stored():
+    """With ``storage_bits`` in the rows (hqq's fp16 zeros, its 3-bit packing) the solve spends exactly those."""
+    sizes = {f"b{i}.x": (64, 128) for i in range(4)}
+    stored = {2: 2.5, 4: 4.5}  # hqq at g64: an fp16 scale and zero per group
+    rows = {b: [{"unit": f"{i}.x", "layers": [f"b{i}.x"], "predicted": (5.0 if i == 2 else 1.0) / 4 ** b,
+                 "storage_bits": int(64 * 128 * stored[b])} for i in range(4)] for b in (2, 4)}
+    p = plan(rows, sizes, 64, False, budget=3.0)  # (3 x 2.5 + 4.5) / 4 = 3.0: one unit at 4 bits
+    assert p["effective_bits"] == pytest.approx(3.0) and p["bits"]["2.x"] == 4
+    assert sum(v == 4 for v in p["bits"].values()) == 1
+    affine = plan({b: [{k: v for k, v in r.items() if k != "storage_bits"} for r in rs] for b, rs in rows.items()},
+                  sizes, 64, False, budget=3.0)  # the affine count (2.28 / 4.31 bits) fits one unit at 4 too
+    assert affine["effective_bits"] == pytest.approx((3 * (2 + 18 / 64) + 4 + 20 / 64) / 4)
+
+
+def test_mixed_hqq_sweep_reads_hqq_tables_and_meets_its_budget(tiny_model, tiny_data, tmp_path):
+    pytest.importorskip("hqq")
+    base = _args(tiny_model, tiny_data, tmp_path)
+    proc = run_cli(*base, "method=mixed", "method.base=hqq", "method.choices=[2,4]", "method.budget=4.5",
+                   "task=wikitext2")  # hqq at g16: w2 is 4.0 bits, w4 6.0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "default" / "runs").glob("*.json")]
+    tables = [r for r in runs if r["task"] == "sensitivity"]
+    assert sorted((r["variant"]["method"], r["variant"]["bits"]) for r in tables) == [("hqq", 2), ("hqq", 4)]
+    (mixed,) = [r for r in runs if r["variant"]["label"].startswith("mixed-hqq")]
+    info = mixed["quantization"]["mixed"]
+    assert info["effective_bits"] <= 4.5 and set(info["bits"].values()) == {2, 4}
+    # the solve's count is hqq's own: the run's accounting of the layers hqq made agrees with it
+    assert mixed["compression"]["effective_bits"] == pytest.approx(info["effective_bits"])
+    assert set(mixed["compression"]["formats"]) == {"hqq b2 g16", "hqq b4 g16"}
+    from quanteval import export as ex
+
+    (path,) = (tmp_path / "default" / "runs").glob("wikitext2__*mixed-hqq*.json")
+    with pytest.raises(ex.ExportError, match="holds hqq b[24] g16 layers"):  # float zeros: no integer format
+        ex.export(path, tmp_path / "ckpt")
 
 
 @pytest.fixture(scope="module")

@@ -39,19 +39,21 @@ class SensitivityTask:
         from quanteval.data import data_file
         from quanteval.evaluate import fidelity
         from quanteval.models import adapter_for
-        from quanteval.primitives import LayerQuant
+        from quanteval.primitives import FormatQuant, LayerQuant
         from quanteval.sensitivity import measure
 
         if not ctx.run.variant.quantizes:
             raise ValueError("task=sensitivity: needs a method that quantises (method=rtn, gptq, ...), not "
                              "method=none")
         result = ctx.result
-        if result is None or not result.layers or not all(isinstance(lq, LayerQuant) for lq in result.layers.values()):
+        weight_only = (lambda lq: isinstance(lq, LayerQuant)
+                       or (isinstance(lq, FormatQuant) and lq.module is None))  # hqq's float zeros: a weight
+        if result is None or not result.layers or not all(weight_only(lq) for lq in result.layers.values()):
             raise ValueError(f"task=sensitivity: method={ctx.cfg.method.name} gives no affine per-layer result "
                              f"to apply one unit at a time")
         if result.folds:
             raise ValueError(f"task=sensitivity: method={ctx.cfg.method.name} folds scales into other modules "
-                             f"(AWQ), so its units cannot be applied alone yet; use rtn or gptq")
+                             f"(AWQ), so its units cannot be applied alone yet; use rtn, gptq or hqq")
         t = ctx.cfg.task
         text = data_file(ctx.data_root, t.file).read_text(encoding="utf-8")
         windows = fidelity.make_windows(ctx.loaded.tokenizer, text, t.n_windows, t.seq_len)

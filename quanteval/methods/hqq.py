@@ -153,16 +153,17 @@ def hqq_layer(w: torch.Tensor, bits: int, group_size: int, method_cfg: HQQConfig
 
 
 def hqq_model(model, adapter, spec: QuantSpec, method_cfg: HQQConfig, calib=None) -> QuantResult:
-    """HQQ of every quantised linear of ``model`` at ``spec.bits`` / ``spec.group_size``; ``model`` is not
-    modified (``spec.sym`` does not apply: hqq's zero is a float)."""
-    check_bits(spec.bits)
+    """HQQ of every quantised linear of ``model`` at its bits (``spec.bits_for``) / ``spec.group_size``;
+    ``model`` is not modified (``spec.sym`` does not apply: hqq's zero is a float)."""
+    for b in {spec.bits, *(b for _, b in spec.layer_bits)}:
+        check_bits(b)
     if method_cfg.optimize and method_cfg.kappa != HQQConfig.kappa:
         log.warning("method.kappa=%s has no effect: hqq %s's proximal solver never applies kappa",
                     method_cfg.kappa, importlib.metadata.version("hqq"))
     t0 = time.perf_counter()
     layers = {}
     for name in tqdm(quantized_layer_names(model, adapter, spec), desc=f"hqq b{spec.bits}", unit="layer"):
-        layers[name] = hqq_layer(model.get_submodule(name).weight, spec.bits, spec.group_size, method_cfg)
+        layers[name] = hqq_layer(model.get_submodule(name).weight, spec.bits_for(name), spec.group_size, method_cfg)
     info = {"library": "hqq", "version": importlib.metadata.version("hqq"), "axis": method_cfg.axis,
             "optimize": method_cfg.optimize, "solver": "hqq.core.optimize.optimize_weights_proximal",
             "opt_params": opt_params(method_cfg), "quantize_s": time.perf_counter() - t0}

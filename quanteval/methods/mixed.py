@@ -8,13 +8,14 @@ additivity assumption, checked by the report's predicted-against-measured chart)
 most ``budget`` x the quantised weights.
 
 **Solve: exact dynamic programming**, not greedy. Costs are integers once divided by the greatest common
-divisor of the units' group counts (SmolLM2: 1 728 groups), so the table over used capacity is exact;
+divisor of the units' storage bits (SmolLM2 at g64: 1 728 groups' worth), so the table over used capacity is exact;
 SmolLM2's 120 units x 4 widths fill a table of about 0.5 M capacities in about a second. ``solve`` is a
 pure function of plain numbers, tested against brute force.
 
-**Quantise**: the base method with each linear's bits (``QuantSpec.layer_bits``): RTN per layer, GPTQ
-block by block with each group solved at its unit's width, so later blocks see the mixed outputs, as in
-a uniform run. The sensitivity tables come from the sweep (``quanteval.sweep.quantize`` finds them by key
+**Quantise**: the base method with each linear's bits (``QuantSpec.layer_bits``): RTN and HQQ per layer,
+GPTQ block by block with each group solved at its unit's width, so later blocks see the mixed outputs, as
+in a uniform run. A unit's cost is the bits its linears store in the table's own result (hqq's fp16 zeros
+and 3-bit packing included); tables from before that was recorded are costed by the affine layout. The sensitivity tables come from the sweep (``quanteval.sweep.quantize`` finds them by key
 and runs them first when missing); this module gets their rows.
 """
 
@@ -77,31 +78,38 @@ def plan(rows_by_bits: dict[int, list[dict]], sizes: dict[str, tuple[int, int]],
     if missing:
         raise ValueError(f"sensitivity table for bits={missing[0][0]} lacks unit {missing[0][1]}")
     layers = {u: by[choices[0]][u]["layers"] for u in units}
-    groups = {}
-    for u in units:  # a unit's groups: rows x groups per row, summed over its linears
-        n = 0
-        for name in layers[u]:
-            rows, cols = sizes[name]
-            g = cols if group_size == -1 else group_size
-            n += rows * math.ceil(cols / g)
-        groups[u] = n
-    gcd = reduce(math.gcd, groups.values())
-    g_w = {u: groups[u] // gcd for u in units}
     weights = sum(sizes[name][0] * sizes[name][1] for u in units for name in layers[u])
-    # bits per group at width b: g * b codes + scale and zero (last groups of a row may be shorter: the
-    # default group sizes divide every width of the embedded models, and the cost then is exact)
-    per_group = {b: (group_size if group_size != -1 else 1) * b + group_bits(b, sym) for b in choices}
     if group_size == -1:  # one group per row: codes cost in_features x b per row
         raise ValueError("method=mixed: group_size=-1 (per channel) is not supported; use a group size")
-    cost = [[g_w[u] * per_group[b] for b in choices] for u in units]
-    capacity = int(math.floor(budget * weights / gcd + 1e-9))
+    if all("storage_bits" in by[b][u] for b in choices for u in units):
+        # the exact bits each unit's quantised linears store at each width, as the tables measured them
+        # (hqq's packing included); in units of their greatest common divisor, rounded up (never over budget)
+        # where that would make too large a table
+        raw = [[int(by[b][u]["storage_bits"]) for b in choices] for u in units]
+        quantum = reduce(math.gcd, (c for row in raw for c in row))
+        quantum = max(quantum, math.ceil(budget * weights / MAX_CAPACITY))
+        cost = [[-(-c // quantum) for c in row] for row in raw]
+    else:  # tables written before they held storage bits: the affine layout's count
+        groups = {}
+        for u in units:  # a unit's groups: rows x groups per row, summed over its linears
+            n = 0
+            for name in layers[u]:
+                rows, cols = sizes[name]
+                n += rows * math.ceil(cols / group_size)
+            groups[u] = n
+        quantum = reduce(math.gcd, groups.values())
+        # bits per group at width b: g * b codes + scale and zero (last groups of a row may be shorter: the
+        # default group sizes divide every width of the embedded models, and the cost then is exact)
+        per_group = {b: group_size * b + group_bits(b, sym) for b in choices}
+        cost = [[groups[u] // quantum * per_group[b] for b in choices] for u in units]
+    capacity = int(math.floor(budget * weights / quantum + 1e-9))
     if capacity > MAX_CAPACITY:
         raise ValueError(f"method=mixed: the exact solve needs {capacity:,} table cells (> {MAX_CAPACITY:,}); "
                          f"the units' sizes share too small a divisor")
     kl = [[float(by[b][u]["predicted"]) for b in choices] for u in units]
     picked, total = solve(kl, cost, capacity)
     bits = {u: choices[c] for u, c in zip(units, picked)}
-    used = sum(cost[i][c] for i, c in enumerate(picked)) * gcd
+    used = sum(cost[i][c] for i, c in enumerate(picked)) * quantum
     return {"bits": bits, "layer_bits": {name: bits[u] for u in units for name in layers[u]},
             "predicted_kl": total, "effective_bits": used / weights, "budget": budget,
             "solver": "dynamic programming (exact multiple-choice knapsack)"}
@@ -124,6 +132,11 @@ def mixed_model(model, adapter, spec: QuantSpec, method_cfg, calib, rows_by_bits
         from quanteval.methods import rtn_model
 
         result = rtn_model(model, adapter, mixed)
+    elif method_cfg.base == "hqq":
+        from quanteval.config import HQQConfig
+        from quanteval.methods.hqq import hqq_model
+
+        result = hqq_model(model, adapter, mixed, HQQConfig())
     else:
         from quanteval.config import GPTQConfig
         from quanteval.methods.gptq import gptq_model

@@ -460,7 +460,7 @@ def _mixed(model: str, runs: list[RunData], out: Path, charts: list[Chart]) -> N
     pts = [(mixed[lab][0].get("predicted_kl"), mixed[lab][1], lab) for lab in labels]
     pts = [(p, m, lab) for p, m, lab in pts if isinstance(p, (int, float)) and isinstance(m, (int, float))]
     for p, m, lab in pts:
-        ax.scatter(p, m, color=method_color("gptq" if "gptq" in lab else "rtn"), zorder=3)
+        ax.scatter(p, m, color=method_color(lab.split()[0].removeprefix("mixed-")), zorder=3)  # its base's colour
         ax.annotate(lab, (p, m), fontsize=6, xytext=(3, 3), textcoords="offset points")
     if pts:
         lo = min(min(p, m) for p, m, _ in pts) * 0.8
