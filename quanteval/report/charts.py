@@ -440,22 +440,28 @@ def _mixed(model: str, runs: list[RunData], out: Path, charts: list[Chart]) -> N
     if not mixed:
         return
     labels = sorted(mixed)
-    fig = Figure(figsize=(2.4 * len(labels) + 4.8, 5.6))
-    im = None
+    from matplotlib import colormaps
+    from matplotlib.patches import Patch
+
+    widths = sorted({b for lab in labels for b in (mixed[lab][0].get("bits") or {}).values()})
+    colors = [colormaps["viridis"](x) for x in np.linspace(0.1, 0.95, max(len(widths), 1))]  # one per width
+    fig = Figure(figsize=(2.4 * len(labels) + 4.8, 6.0))
     for i, label in enumerate(labels):
         bits = mixed[label][0].get("bits") or {}
         kinds = list(dict.fromkeys(u.split(".", 1)[1] for u in bits))
         n_blocks = 1 + max(int(u.split(".", 1)[0]) for u in bits)
-        grid = np.full((n_blocks, len(kinds)), np.nan)
+        grid = np.ones((n_blocks, len(kinds), 4))  # RGBA, white where a unit is missing
         for u, b in bits.items():
             blk, kind = u.split(".", 1)
-            grid[int(blk), kinds.index(kind)] = b
+            grid[int(blk), kinds.index(kind)] = colors[widths.index(b)]
         ax = fig.add_subplot(1, len(labels) + 1, i + 1)
-        im = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis", vmin=2, vmax=8)
+        ax.imshow(grid, aspect="auto", origin="lower", interpolation="nearest")
         ax.set_xticks(range(len(kinds)), kinds, fontsize=7, rotation=30)
-        ax.set_ylabel("block", fontsize=8)
+        if i == 0:
+            ax.set_ylabel("block", fontsize=8)
         ax.set_title(f"{label}\n{mixed[label][0].get('effective_bits', 0):.2f} bits", fontsize=8)
-    fig.colorbar(im, ax=fig.axes[:len(labels)], shrink=0.8, location="bottom", label="bits given to the unit")
+    fig.legend(handles=[Patch(color=c, label=f"{b} bits") for b, c in zip(widths, colors)], loc="lower center",
+               ncol=len(widths), fontsize=8, title="bits given to the unit", title_fontsize=8)
     ax = fig.add_subplot(1, len(labels) + 1, len(labels) + 1)
     pts = [(mixed[lab][0].get("predicted_kl"), mixed[lab][1], lab) for lab in labels]
     pts = [(p, m, lab) for p, m, lab in pts if isinstance(p, (int, float)) and isinstance(m, (int, float))]
@@ -471,7 +477,7 @@ def _mixed(model: str, runs: list[RunData], out: Path, charts: list[Chart]) -> N
         ax.legend(fontsize=7)
     ax.set(xlabel="predicted KL (sum of units, validation)", ylabel="measured KL (WikiText-2 test)")
     ax.set_title("predicted vs measured", fontsize=8)
-    fig.subplots_adjust(wspace=0.5)
+    fig.subplots_adjust(wspace=0.5, bottom=0.2)
     fig.suptitle(f"{model} — mixed precision: the widths chosen, and the solve's prediction against the measurement")
     _save(fig, out, f"mixed__{_slug(model)}", f"Mixed-precision variants: bits per unit, predicted vs measured KL "
                                                f"({model})", charts)
@@ -502,7 +508,8 @@ def _sensitivity(model: str, runs: list[RunData], out: Path, charts: list[Chart]
         ax = fig.add_subplot(1, len(panels), i + 1)
         im = ax.imshow(grid, aspect="auto", origin="lower", cmap="magma_r", vmin=vmin, vmax=vmax)
         ax.set_xticks(range(len(kinds)), kinds, fontsize=7, rotation=30)
-        ax.set_ylabel("block", fontsize=8)
+        if i == 0:
+            ax.set_ylabel("block", fontsize=8)
         rho_txt = f"proxy ρ {rho:.2f}" if isinstance(rho, (int, float)) else "proxy ρ –"
         ax.set_title(f"{label}\n{rho_txt}", fontsize=8)
     fig.colorbar(im, ax=fig.axes, shrink=0.8, label="log10 KL to the baseline, that unit alone")
