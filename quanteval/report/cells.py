@@ -203,14 +203,16 @@ def task_metas(runs: list[RunData]) -> dict[str, TaskMeta]:
 
 
 def kinds_of_work(metas: dict[str, TaskMeta]) -> dict[str, list[str]]:
-    """Kind of work -> its tasks (sorted), kinds in ``KINDS_OF_WORK`` order; tasks with no kind are left out.
+    """Kind of work -> its tasks (sorted), kinds in ``KINDS_OF_WORK`` order; tasks with no kind, and
+    sensitivity tables (a table, not work a variant is scored on), are left out.
 
-    >>> kinds_of_work({"gsm8k": TaskMeta(kind="math"), "wikitext2": WIKITEXT2, "hellaswag": TaskMeta()})
+    >>> kinds_of_work({"gsm8k": TaskMeta(kind="math"), "wikitext2": WIKITEXT2, "hellaswag": TaskMeta(),
+    ...                "sensitivity": TaskMeta(kind="sensitivity")})
     {'math': ['gsm8k'], 'language modelling': ['wikitext2']}
     """
     kinds: dict[str, list[str]] = {}
     for task in sorted(metas):
-        if metas[task].kind:
+        if metas[task].kind and metas[task].kind != "sensitivity":
             kinds.setdefault(metas[task].kind, []).append(task)
     order = {k: i for i, k in enumerate(KINDS_OF_WORK)}
     return dict(sorted(kinds.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
