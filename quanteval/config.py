@@ -251,7 +251,9 @@ class ArtifactConfig(MethodConfig):
     uses_sym = False
 
 
-MIXED_BASES = ("rtn", "gptq", "hqq")  # bases whose units apply alone (AWQ folds its scales into other modules)
+# method=mixed's bases (their units apply alone; AWQ folds its scales into other modules) -> the config their
+# sensitivity tables and the mix itself are quantised with (the base's defaults)
+MIXED_BASES = {"rtn": RTNConfig, "gptq": GPTQConfig, "hqq": HQQConfig}
 
 
 @dataclass

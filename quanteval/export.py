@@ -297,10 +297,11 @@ def export(run: str | Path, out_dir: str | Path, results_dir: str | Path = "resu
         raise ExportError(f"bits={v['bits']}: compressed-tensors' pack-quantized format holds "
                           f"{', '.join(map(str, held))}-bit integers")
     result = cached_result(run_file, record)  # before the model loads: a missing cache fails fast
+    if result is not None and not result.affine:  # method=mixed over hqq: float zeros, as method=hqq itself
+        held_formats = " and ".join(f"{f} layers" for f in result.formats())
+        raise ExportError(f"{run_file.name}: {v.get('label')} holds {held_formats} (not scale * (code - zero) with "
+                          f"integer zeros), which compressed-tensors' integer format cannot hold")
     for lq in (result.layers.values() if result is not None else ()):
-        if not hasattr(lq, "codes"):  # method=mixed over hqq: float zeros, as method=hqq itself
-            raise ExportError(f"{run_file.name}: {v.get('label')} holds {lq.format} layers (not scale * (code - "
-                              f"zero) with integer zeros), which compressed-tensors' integer format cannot hold")
         check_contiguous_groups(lq)
         if lq.bits not in held:  # method=mixed: each layer's own bits (a config group per width)
             raise ExportError(f"bits={lq.bits}: compressed-tensors' pack-quantized format holds "

@@ -87,10 +87,10 @@ def sensitivity_runs(run: Run) -> list[Run]:
     """The ``task=sensitivity`` runs a ``method=mixed`` variant reads: its base method at each of its
     choices, with the run's model, group size and symmetry (the base's default knobs, no KV quantisation,
     WikiText-2 validation windows of the preset's length)."""
-    from quanteval.config import GPTQConfig, HQQConfig, RTNConfig, SensitivityConfig
+    from quanteval.config import MIXED_BASES, SensitivityConfig
 
     m = run.cfg.method
-    base = {"rtn": RTNConfig, "gptq": GPTQConfig, "hqq": HQQConfig}[m.base]()
+    base = MIXED_BASES[m.base]()
     task = SensitivityConfig(seq_len=run.cfg.preset.seq_len)  # the preset's window length (512 by default)
     return [Run.of(dataclasses.replace(run.cfg, method=base, bits=b, task=task, kv_bits=16,
                                        use_preset_grid=False, rerun=False))

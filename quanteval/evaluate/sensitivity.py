@@ -39,16 +39,13 @@ class SensitivityTask:
         from quanteval.data import data_file
         from quanteval.evaluate import fidelity
         from quanteval.models import adapter_for
-        from quanteval.primitives import FormatQuant, LayerQuant
         from quanteval.sensitivity import measure
 
         if not ctx.run.variant.quantizes:
             raise ValueError("task=sensitivity: needs a method that quantises (method=rtn, gptq, ...), not "
                              "method=none")
         result = ctx.result
-        weight_only = (lambda lq: isinstance(lq, LayerQuant)
-                       or (isinstance(lq, FormatQuant) and lq.module is None))  # hqq's float zeros: a weight
-        if result is None or not result.layers or not all(weight_only(lq) for lq in result.layers.values()):
+        if result is None or not result.layers or result.swaps_modules:  # hqq's float zeros are still weights
             raise ValueError(f"task=sensitivity: method={ctx.cfg.method.name} gives no affine per-layer result "
                              f"to apply one unit at a time")
         if result.folds:

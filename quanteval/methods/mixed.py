@@ -32,7 +32,7 @@ from quanteval.methods_bits import group_bits
 
 log = logging.getLogger(__name__)
 
-MAX_CAPACITY = 50_000_000  # DP table cells; a model whose sizes share no larger divisor is refused
+MAX_CAPACITY = 50_000_000  # DP table cells; beyond it costs are rounded up to a coarser unit
 
 
 def solve(kl: list[list[float]], cost: list[list[int]], capacity: int) -> tuple[list[int], float]:
@@ -81,35 +81,27 @@ def plan(rows_by_bits: dict[int, list[dict]], sizes: dict[str, tuple[int, int]],
     weights = sum(sizes[name][0] * sizes[name][1] for u in units for name in layers[u])
     if group_size == -1:  # one group per row: codes cost in_features x b per row
         raise ValueError("method=mixed: group_size=-1 (per channel) is not supported; use a group size")
-    if all("storage_bits" in by[b][u] for b in choices for u in units):
-        # the exact bits each unit's quantised linears store at each width, as the tables measured them
-        # (hqq's packing included); in units of their greatest common divisor, rounded up (never over budget)
-        # where that would make too large a table
-        raw = [[int(by[b][u]["storage_bits"]) for b in choices] for u in units]
-        quantum = reduce(math.gcd, (c for row in raw for c in row))
-        quantum = max(quantum, math.ceil(budget * weights / MAX_CAPACITY))
-        cost = [[-(-c // quantum) for c in row] for row in raw]
-    else:  # tables written before they held storage bits: the affine layout's count
-        groups = {}
-        for u in units:  # a unit's groups: rows x groups per row, summed over its linears
-            n = 0
-            for name in layers[u]:
-                rows, cols = sizes[name]
-                n += rows * math.ceil(cols / group_size)
-            groups[u] = n
-        quantum = reduce(math.gcd, groups.values())
-        # bits per group at width b: g * b codes + scale and zero (last groups of a row may be shorter: the
-        # default group sizes divide every width of the embedded models, and the cost then is exact)
-        per_group = {b: group_size * b + group_bits(b, sym) for b in choices}
-        cost = [[groups[u] // quantum * per_group[b] for b in choices] for u in units]
+
+    def stored(u: str, b: int) -> int:
+        """The bits unit ``u`` stores at width ``b``: its table's own count (hqq's packing included), or for a
+        table written before it held one, the affine layout's (codes, fp16 scale and zero per group; a row's
+        last group may be shorter, but the default group sizes divide every width of the embedded models)."""
+        row = by[b][u]
+        if "storage_bits" in row:
+            return int(row["storage_bits"])
+        n_groups = sum(sizes[name][0] * math.ceil(sizes[name][1] / group_size) for name in layers[u])
+        return n_groups * (group_size * b + group_bits(b, sym))
+
+    raw = [[stored(u, b) for b in choices] for u in units]
+    # integer costs in units of their greatest common divisor (exact), coarser and rounded up (never over
+    # the budget) only where the exact table would exceed MAX_CAPACITY cells
+    quantum = max(reduce(math.gcd, (c for row in raw for c in row)), math.ceil(budget * weights / MAX_CAPACITY))
+    cost = [[-(-c // quantum) for c in row] for row in raw]
     capacity = int(math.floor(budget * weights / quantum + 1e-9))
-    if capacity > MAX_CAPACITY:
-        raise ValueError(f"method=mixed: the exact solve needs {capacity:,} table cells (> {MAX_CAPACITY:,}); "
-                         f"the units' sizes share too small a divisor")
     kl = [[float(by[b][u]["predicted"]) for b in choices] for u in units]
     picked, total = solve(kl, cost, capacity)
     bits = {u: choices[c] for u, c in zip(units, picked)}
-    used = sum(cost[i][c] for i, c in enumerate(picked)) * quantum
+    used = sum(raw[i][c] for i, c in enumerate(picked))
     return {"bits": bits, "layer_bits": {name: bits[u] for u in units for name in layers[u]},
             "predicted_kl": total, "effective_bits": used / weights, "budget": budget,
             "solver": "dynamic programming (exact multiple-choice knapsack)"}
@@ -128,19 +120,10 @@ def mixed_model(model, adapter, spec: QuantSpec, method_cfg, calib, rows_by_bits
     counts = {b: sum(1 for v in p["bits"].values() if v == b) for b in sorted(set(p["bits"].values()))}
     log.info("mixed %s at %.3f bits (budget %g): units per width %s, predicted KL %.4g", method_cfg.base,
              p["effective_bits"], method_cfg.budget, counts, p["predicted_kl"])
-    if method_cfg.base == "rtn":
-        from quanteval.methods import rtn_model
+    from quanteval.config import MIXED_BASES
+    from quanteval.methods import METHODS
 
-        result = rtn_model(model, adapter, mixed)
-    elif method_cfg.base == "hqq":
-        from quanteval.config import HQQConfig
-        from quanteval.methods.hqq import hqq_model
-
-        result = hqq_model(model, adapter, mixed, HQQConfig())
-    else:
-        from quanteval.config import GPTQConfig
-        from quanteval.methods.gptq import gptq_model
-
-        result = gptq_model(model, adapter, mixed, GPTQConfig(), calib)
+    # the base through the method table, with its defaults; GPTQ takes the block inputs, RTN and HQQ ignore them
+    result = METHODS[method_cfg.base].compute(model, adapter, mixed, MIXED_BASES[method_cfg.base](), calib)
     result.info = {**result.info, "mixed": {k: v for k, v in p.items() if k != "layer_bits"}}
     return result
