@@ -256,8 +256,10 @@ def _check_inputs(cfg: C.RunConfig) -> None:
             missing = method.missing_library()
             if missing:
                 raise ValueError(f"method={cfg.method.name}: {missing}")
-            if cfg.runtime == "packed" and not method.affine:
-                raise ValueError(f"runtime=packed: method={cfg.method.name} makes a non-affine result (a library "
+            # method=mixed makes what its base makes (over hqq: float zeros)
+            made_by = cfg.method.base if cfg.method.name == "mixed" else cfg.method.name
+            if cfg.runtime == "packed" and not (method.affine and METHODS[made_by].affine):
+                raise ValueError(f"runtime=packed: method={made_by} makes a non-affine result (a library "
                                  f"format), which packed integer kernels cannot hold; use runtime=fakequant")
         if cfg.task.kind == "generative":
             from quanteval.evaluate import task_for

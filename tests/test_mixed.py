@@ -86,6 +86,8 @@ def _args(tiny_model, tiny_data, results, *extra):
     (["method.base=mixed"], "method.base=mixed"),
     (["method.base=awq"], "method.base='awq'"),
     (["method.base=hqq", "method.choices=[2,5]"], "method.choices=[2, 5]: method.base=hqq supports 2, 3, 4, 8 bits, not 5"),
+    (["method.base=hqq", "method.choices=[2,4]", "method.budget=5", "runtime=packed"],
+     "runtime=packed: method=hqq makes a non-affine result"),  # before any table is computed
     (["method.base=hqq", "method.choices=[2,4]", "method.budget=6.5"], "method.budget=6.5: must lie between the choices' effective bits at group_size=16: 4.00 (w2) and 6.00 (w4)"),
 ])
 def test_bad_mixed_input_names_the_field(tiny_model, tiny_data, tmp_path, extra, needle):
