@@ -251,9 +251,9 @@ class ArtifactConfig(MethodConfig):
     uses_sym = False
 
 
-# method=mixed's bases (their units apply alone; AWQ folds its scales into other modules) -> the config their
+# method=mixed's bases (methods whose units apply alone: AWQ's in its scaled basis) -> the config their
 # sensitivity tables and the mix itself are quantised with (the base's defaults)
-MIXED_BASES = {"rtn": RTNConfig, "gptq": GPTQConfig, "hqq": HQQConfig}
+MIXED_BASES = {"rtn": RTNConfig, "gptq": GPTQConfig, "awq": AWQConfig, "hqq": HQQConfig}
 
 
 @dataclass
@@ -263,7 +263,7 @@ class MixedConfig(MethodConfig):
     weight (scales and zeros counted), then quantised by ``base`` (``quanteval.methods.mixed``)."""
 
     name: str = "mixed"
-    base: str = "rtn"  # rtn | gptq | hqq
+    base: str = "rtn"  # rtn | gptq | awq | hqq
     budget: float = 3.8  # effective bits per quantised weight, scales and zero points included
     choices: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
 

@@ -31,6 +31,7 @@ from quanteval.methods.awq import (
     fake_quant,
     group_slices,
     scale_group,
+    scaled_basis,
     search_subset,
 )
 from quanteval.methods.rtn import rtn_layer
@@ -169,6 +170,50 @@ def test_v_to_o_skipped_under_gqa_only(kv_heads):
         assert v_folds == ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"]
         assert "model.layers.1.self_attn.v_proj" in r.info["alphas"]
     assert len(r.folds) == 2 * (4 if kv_heads == 4 else 3)
+
+
+# --------------------------------------------------------------------------- one unit alone (method=mixed)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+@torch.no_grad()
+def test_scaled_basis_keeps_the_function_and_every_layer_on_it_is_the_awq_model(family):
+    """task=sensitivity applies an AWQ unit alone in the scaled basis: that basis computes the baseline, and
+    with every quantised layer written into it, it is the model ``apply_result`` makes."""
+    model = tiny(family, kv_heads=4)  # v -> o folded too (no GQA)
+    adapter = adapter_for(model)
+    result = awq_model(model, adapter, QuantSpec(2, 32, False), AWQConfig(n_grid=5, clip_grid=10), calib_for(model))
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    base = model(ids).logits
+    basis = copy.deepcopy(model)
+    scaled_basis(basis, adapter, result.folds)
+    assert not same_state(basis, model)  # the norms and weights moved ...
+    torch.testing.assert_close(basis(ids).logits, base, rtol=1e-4, atol=1e-4)  # ... the function did not
+    for name, lq in result.layers.items():
+        basis.get_submodule(name).weight.copy_(lq.dequantize())
+    applied = copy.deepcopy(model)
+    apply_result(applied, result)
+    assert same_state(basis, applied)
+    with pytest.raises(ValueError, match="AWQ folds into 'model.layers.9.post_attention_layernorm'"):
+        scaled_basis(copy.deepcopy(model), adapter, [type(result.folds[0])("model.layers.9.post_attention_layernorm",
+                                                                          "rmsnorm", torch.ones(64))])
+
+
+def test_per_layer_bits_search_and_store_each_unit_at_its_width():
+    model = tiny()
+    adapter, calib = adapter_for(model), calib_for(model)
+    cfg = AWQConfig(n_grid=5, clip_grid=10)
+    mlp = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    layer_bits = tuple((f"model.layers.{i}.{n}", 8 if i == 1 and n in mlp else 2) for i in range(2)
+                       for n in adapter.all_linears)
+    mixed = awq_model(model, adapter, QuantSpec(8, 32, False, layer_bits=layer_bits), cfg, calib)
+    assert {n: lq.bits for n, lq in mixed.layers.items()} == dict(layer_bits)
+    w2 = awq_model(model, adapter, QuantSpec(2, 32, False), cfg, calib)
+    for name in adapter.all_linears:  # block 0 is all at 2 bits, with the same inputs: the uniform w2 result
+        assert torch.equal(mixed.layers[f"model.layers.0.{name}"].codes, w2.layers[f"model.layers.0.{name}"].codes)
+    same = awq_model(model, adapter, QuantSpec(2, 32, False, layer_bits=tuple((n, 2) for n, _ in layer_bits)),
+                     cfg, calib)
+    assert all(torch.equal(same.layers[n].codes, w2.layers[n].codes) for n in w2.layers)
 
 
 # --------------------------------------------------------------------------- clipping

@@ -84,7 +84,7 @@ def _args(tiny_model, tiny_data, results, *extra):
     (["method.budget=10"], "method.budget=10: must lie between"),  # w8 at g16 is 9.5 bits
     (["method.choices=[2,9]"], "method.choices=[2, 9]: method.base=rtn supports 2..8 bits, not 9"),
     (["method.base=mixed"], "method.base=mixed"),
-    (["method.base=awq"], "method.base='awq'"),
+    (["method.base=bnb"], "method.base='bnb': must be one of rtn, gptq, awq, hqq"),
     (["method.base=hqq", "method.choices=[2,5]"], "method.choices=[2, 5]: method.base=hqq supports 2, 3, 4, 8 bits, not 5"),
     (["method.base=hqq", "method.choices=[2,4]", "method.budget=5", "runtime=packed"],
      "runtime=packed: method=hqq makes a non-affine result"),  # before any table is computed
@@ -152,6 +152,28 @@ def test_mixed_hqq_sweep_reads_hqq_tables_and_meets_its_budget(tiny_model, tiny_
     (path,) = (tmp_path / "default" / "runs").glob("wikitext2__*mixed-hqq*.json")
     with pytest.raises(ex.ExportError, match="holds hqq b[24] g16 layers"):  # float zeros: no integer format
         ex.export(path, tmp_path / "ckpt")
+
+
+def test_mixed_awq_sweep_measures_units_in_awqs_basis_and_meets_its_budget(tiny_model, tiny_data, tmp_path):
+    """AWQ's tables apply each unit in the scaled basis (the folds into the norms, the scales into the
+    columns); the mix searches each scale group at its unit's width and keeps AWQ's folds."""
+    base = _args(tiny_model, tiny_data, tmp_path)
+    proc = run_cli(*base, "method=none,awq", "bits=2,4", "task=wikitext2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cli(*base, "method=mixed", "method.base=awq", "method.choices=[2,4]", "method.budget=3.5",
+                   "task=wikitext2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "default" / "runs").glob("*.json")]
+    tables = [r for r in runs if r["task"] == "sensitivity"]
+    assert sorted((r["variant"]["method"], r["variant"]["bits"]) for r in tables) == [("awq", 2), ("awq", 4)]
+    assert all(r["metrics"]["n_measured"] == 8 and r["metrics"]["kl_max"] > 0 for r in tables)
+    (mixed,) = [r for r in runs if r["variant"]["label"].startswith("mixed-awq")]
+    info = mixed["quantization"]["mixed"]
+    assert info["effective_bits"] <= 3.5 and set(info["bits"].values()) == {2, 4}
+    assert mixed["compression"]["effective_bits"] == pytest.approx(info["effective_bits"])
+    assert mixed["quantization"]["alphas"]  # AWQ's own search ran, and its folds are in the result
+    kl = {r["variant"]["label"]: r["metrics"]["kl_mean"] for r in runs if r["task"] == "wikitext2"}
+    assert kl["awq w4 g16"] <= kl[mixed["variant"]["label"]] <= kl["awq w2 g16"]
 
 
 @pytest.fixture(scope="module")

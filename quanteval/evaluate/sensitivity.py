@@ -4,7 +4,10 @@ The run file's metrics summarise the table (units, measured KL sum and max, the 
 its items file holds one record per unit (``quanteval.sensitivity.SensitivityTable.rows``), which
 ``method=mixed`` reads back by the run's key and the report draws as a layers x unit types heatmap.
 The sweep gives this task the uniform result without applying it (``applies_result = False``): the
-units are applied one at a time to the baseline weights.
+units are applied one at a time to the baseline weights. For AWQ the baseline is first moved into the
+basis its result was quantised in (``quanteval.methods.awq.scaled_basis``: the norms hold the folds, the
+linears the scaled weights), which computes the baseline's function, so a unit's quantised layers apply
+alone there.
 """
 
 from __future__ import annotations
@@ -48,14 +51,17 @@ class SensitivityTask:
         if result is None or not result.layers or result.swaps_modules:  # hqq's float zeros are still weights
             raise ValueError(f"task=sensitivity: method={ctx.cfg.method.name} gives no affine per-layer result "
                              f"to apply one unit at a time")
-        if result.folds:
-            raise ValueError(f"task=sensitivity: method={ctx.cfg.method.name} folds scales into other modules "
-                             f"(AWQ), so its units cannot be applied alone yet; use rtn, gptq or hqq")
         t = ctx.cfg.task
         text = data_file(ctx.data_root, t.file).read_text(encoding="utf-8")
         windows = fidelity.make_windows(ctx.loaded.tokenizer, text, t.n_windows, t.seq_len)
         model = ctx.loaded.model
-        table = measure(model, adapter_for(model), windows, result.layers, t.top_k, t.sample, ctx.cfg.seed)
+        adapter = adapter_for(model)
+        if result.folds:  # AWQ: into the basis its layers were quantised in, the baseline's function kept
+            from quanteval.methods.awq import scaled_basis
+
+            ctx.session.modified()  # the next variant gets the baseline weights back
+            scaled_basis(model, adapter, result.folds)
+        table = measure(model, adapter, windows, result.layers, t.top_k, t.sample, ctx.cfg.seed)
         kls = [k for k in table.kl if k is not None]
         metrics = {"n_units": len(table.units), "n_measured": len(kls), "kl_sum": sum(table.predicted),
                    "kl_max": max(kls) if kls else None, "proxy_rho": table.rho, "proxy_used": table.proxy_used}

@@ -32,9 +32,14 @@ captured chunks; the clipping search subsamples those with a stride down to
 about ``CLIP_TOKENS = 512`` tokens (the reference's ``n_sample_token``). The
 reference runs its searches over its whole calibration set instead.
 
+Per-layer bits (method=mixed): a linear is searched, clipped and quantised at
+``QuantSpec.bits_for`` its name, so a scale group (one unit of the mix) is
+searched at the width it will be stored at.
+
 Compute, then apply: ``awq_model`` works on a copy of each block and leaves
 ``model`` unchanged; ``apply_result`` replays the folds, then writes the
-quantised layers. Departures from the reference: the next block's inputs come
+quantised layers. ``scaled_basis`` replays the folds and the column scales
+only, so one unit's quantised layers can be applied alone (task=sensitivity). Departures from the reference: the next block's inputs come
 from the *quantised* block (the reference feeds full-precision outputs
 forward), and the quantiser is the project's (fp16 scales, zero inside the
 range, ragged last group; see ``quanteval.primitives``), used by the searches
@@ -44,6 +49,7 @@ and the final quantisation alike.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -71,6 +77,17 @@ NO_CLIP = ("q_proj", "k_proj")  # q/k meet in a bmm, so their clipping error is 
 def fake_quant(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """RTN quantise-dequantise of ``w: (out, in)`` in float32, on ``w.device``."""
     return rtn_fake_quant(w, spec.bits, spec.group_size, spec.sym)
+
+
+def spec_of(spec: QuantSpec, name: str) -> QuantSpec:
+    """``spec`` at the bits of linear ``name`` (``QuantSpec.bits_for``: method=mixed gives each unit its own)."""
+    return dataclasses.replace(spec, bits=spec.bits_for(name), layer_bits=()) if spec.layer_bits else spec
+
+
+def block_spec(spec: QuantSpec, prefix: str) -> QuantSpec:
+    """``spec`` with its per-layer bits renamed relative to the block at ``prefix`` (``model.layers.3.``)."""
+    return dataclasses.replace(spec, layer_bits=tuple((n[len(prefix):], b) for n, b in spec.layer_bits
+                                                      if n.startswith(prefix)))
 
 
 def group_slices(in_features: int, group_size: int) -> list[slice]:
@@ -267,8 +284,8 @@ def search_scale(block, group, xs: list[torch.Tensor], calls: list[Call], spec: 
         for k in range(cfg.n_grid):
             alpha = k / cfg.n_grid
             s = candidate_scale(x_mean, w_mean, alpha).to(w32[0].device)  # (in,)
-            for lin, w in zip(linears, w32):
-                lin.weight.copy_(fake_quant(w * s, spec).div_(s))  # RTN(W * s) / s, cast to the weight's dtype
+            for name, lin, w in zip(group.linears, linears, w32):  # RTN(W * s) / s, cast to the weight's dtype
+                lin.weight.copy_(fake_quant(w * s, spec_of(spec, name)).div_(s))
             loss = _mse([_call(inspect, c, x) for c, x in zip(calls, xs)], org_out)
             losses.append(loss)
             if loss < best:
@@ -284,6 +301,9 @@ def search_scale(block, group, xs: list[torch.Tensor], calls: list[Call], spec: 
 @torch.no_grad()
 def awq_block(block, adapter, spec: QuantSpec, cfg: AWQConfig, inputs: list[tuple[torch.Tensor, dict]]) -> BlockAWQ:
     """Scale, clip and quantise one block in place; ``inputs`` are its search chunks with their kwargs.
+
+    Each linear is searched, clipped and quantised at ``spec.bits_for`` its block-relative name (a scale
+    group's linears are one unit of method=mixed, so they share a width).
 
     Afterwards the block holds the dequantised weights and the folded norms,
     so its forward is the quantised block's.
@@ -319,14 +339,14 @@ def awq_block(block, adapter, spec: QuantSpec, cfg: AWQConfig, inputs: list[tupl
             w = block.get_submodule(name).weight
             x = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats[name]])  # (tokens, in)
             x = x[:: max(1, x.shape[0] // CLIP_TOKENS)]
-            max_val = clip_max(w, x, spec, cfg.clip_grid, cfg.max_shrink)  # (out, n_groups)
+            max_val = clip_max(w, x, spec_of(spec, name), cfg.clip_grid, cfg.max_shrink)  # (out, n_groups)
             w.copy_(clamp_groups(w, max_val, spec.group_size).to(w.dtype))
     t["clip"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
     for name in adapter.all_linears:
         w = block.get_submodule(name).weight
-        lq = rtn_layer(w.detach(), spec.bits, spec.group_size, spec.sym)
+        lq = rtn_layer(w.detach(), spec.bits_for(name), spec.group_size, spec.sym)
         w.copy_(lq.dequantize())
         out.layers[name] = lq.cpu()  # stored results live on the CPU, whatever device the block was on
     t["quantize"] += time.perf_counter() - t0
@@ -390,7 +410,7 @@ def awq_model(model, adapter, spec: QuantSpec, method_cfg: AWQConfig, calib: Blo
         prefix = f"{adapter.blocks}.{i}."
         work = copy.deepcopy(blocks[i])
         inputs = search_subset(hidden, calib.kwargs[i], method_cfg.search_tokens)
-        found = awq_block(work, adapter, spec, method_cfg, inputs)
+        found = awq_block(work, adapter, block_spec(spec, prefix), method_cfg, inputs)
         t0 = time.perf_counter()
         hidden = block_forward(work, hidden, calib.kwargs[i])  # later blocks see the quantised outputs
         timings["forward"] += time.perf_counter() - t0
@@ -408,3 +428,25 @@ def awq_model(model, adapter, spec: QuantSpec, method_cfg: AWQConfig, calib: Blo
     timings["total"] = time.perf_counter() - t_start
     info["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
     return QuantResult(layers=layers, folds=folds, info=info)
+
+
+@torch.no_grad()
+def scaled_basis(model, adapter, folds: list[Fold]) -> None:
+    """Move ``model`` (in place) into the basis its AWQ result was quantised in, without quantising it.
+
+    Every fold's ``1 / s`` goes into its producer and ``s`` into the columns of its group's linears (as
+    the search did), so the model computes what it computed before, up to the weights' rounding, and its
+    linears hold the very weights AWQ scaled, clipped and quantised. Then one unit's quantised linears can
+    replace their scaled weights alone: the model is the baseline but for that unit (task=sensitivity).
+    Applying every layer of the result on top gives ``apply_result``'s model.
+    """
+    blocks = model.get_submodule(adapter.blocks)
+    by_module = {f.module: f for f in folds}
+    for i, block in enumerate(blocks):
+        for g in adapter.scale_groups:
+            f = by_module.pop(f"{adapter.blocks}.{i}.{g.prev}", None)
+            if f is not None:
+                scale_group(block, g, f.scale)
+    if by_module:
+        raise ValueError(f"AWQ folds into {sorted(by_module)[0]!r}: no scale group of adapter {adapter.family} "
+                         f"produces it")
