@@ -12,6 +12,11 @@ The README's HQQ rows and the auto-round RTN control come from three more sweeps
     quanteval sweep_name=mixed task=wikitext2 method=autoround method.iters=0 bits=3,4
     quanteval sweep_name=mixed task=wikitext2 method=mixed method.base=hqq method.budget=3.3,3.704,4.5
 
+and the AWQ rows from two more::
+
+    quanteval sweep_name=mixed task=wikitext2 method=awq bits=8,4,3
+    quanteval sweep_name=mixed task=wikitext2 method=mixed method.base=awq method.budget=3.3,3.8,4.31
+
 The second sweep computes the sensitivity tables it needs (task=sensitivity at 2, 3, 4 and 8 bits, the
 default ``method.choices``, for each base) first. A run file is keyed with the git commit, so a sweep
 rerun after a commit writes new files beside the old: the tables read the newest file of each variant.
