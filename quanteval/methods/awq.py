@@ -39,7 +39,8 @@ searched at the width it will be stored at.
 Compute, then apply: ``awq_model`` works on a copy of each block and leaves
 ``model`` unchanged; ``apply_result`` replays the folds, then writes the
 quantised layers. ``scaled_basis`` replays the folds and the column scales
-only, so one unit's quantised layers can be applied alone (task=sensitivity). Departures from the reference: the next block's inputs come
+only, so one unit's quantised layers can be applied alone (task=sensitivity).
+Departures from the reference: the next block's inputs come
 from the *quantised* block (the reference feeds full-precision outputs
 forward), and the quantiser is the project's (fp16 scales, zero inside the
 range, ragged last group; see ``quanteval.primitives``), used by the searches
@@ -436,7 +437,7 @@ def scaled_basis(model, adapter, folds: list[Fold]) -> None:
 
     Every fold's ``1 / s`` goes into its producer and ``s`` into the columns of its group's linears (as
     the search did), so the model computes what it computed before, up to the weights' rounding, and its
-    linears hold the very weights AWQ scaled, clipped and quantised. Then one unit's quantised linears can
+    linears hold the weights AWQ scaled (before its clipping and rounding). Then one unit's quantised linears can
     replace their scaled weights alone: the model is the baseline but for that unit (task=sensitivity).
     Applying every layer of the result on top gives ``apply_result``'s model.
     """
