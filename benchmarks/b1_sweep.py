@@ -16,11 +16,17 @@ short-circuit, so a collapsed variant generates to the token cap.
 
 Both pipelines' primary scores are compared per variant and task.
 
-Run (the reduced grid measured for the README; the whole default grid is
-``--variants none,rtn:8,rtn:4,rtn:3,rtn:2,gptq:4,gptq:3,awq:4,awq:3 --tasks
-ifeval,mt_bench,dialogsum,gsm8k,humaneval``)::
+Run (the reduced grid of the 2026-11-27 measurement)::
 
     python benchmarks/b1_sweep.py --out results/bench/b1
+
+On the whole default grid, ``--default-grid``: the quanteval side is then the README's main command
+itself, one ``quanteval`` process on the default sweep (9 variants x 7 tasks, WikiText-2 and arith_chain
+included), so its wall time and peak RSS are the default sweep's (B3); the naive side runs the same 9
+variants on the five generative tasks lm-eval can score the same way (not arith_chain, whose limit counts
+items per chain length; not WikiText-2 fidelity, which it does not measure)::
+
+    python benchmarks/b1_sweep.py --default-grid --out results/bench/b1-full    # about 1 h here
 
 It prints a table and writes ``b1.json`` under ``--out``.
 """
@@ -40,18 +46,25 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_quanteval(out: Path, variants: list[tuple[str, int]], tasks: list[str]) -> dict:
-    """One ``quanteval`` sweep per method (bits as given), timed, with peak RSS from /usr/bin/time."""
+DEFAULT_VARIANTS = "none,rtn:8,rtn:4,rtn:3,rtn:2,gptq:4,gptq:3,awq:4,awq:3"  # conf/config.yaml + method_bits
+DEFAULT_TASKS = "ifeval,mt_bench,dialogsum,gsm8k,humaneval"
+
+
+def run_quanteval(out: Path, variants: list[tuple[str, int]], tasks: list[str], default_grid: bool = False) -> dict:
+    """One ``quanteval`` sweep per method (bits as given), or the README's main command alone
+    (``default_grid``), timed, with peak RSS from /usr/bin/time."""
     by_method = defaultdict(list)
     for m, b in variants:
         by_method[m].append(b)
     wall, peak = 0.0, 0.0
-    for m, bits in by_method.items():
-        bits = [b for b in bits if b] or [4]  # the baseline ignores bits
-        cmd = ["/usr/bin/time", "-v", sys.executable, "-c",
-               "import sys; sys.argv[0]='quanteval'; from quanteval.cli import main; main()",
-               f"results_dir={out}", f"method={m}", f"bits={','.join(map(str, bits))}",
-               f"task=wikitext2,{','.join(tasks)}"]
+    head = ["/usr/bin/time", "-v", sys.executable, "-c",
+            "import sys; sys.argv[0]='quanteval'; from quanteval.cli import main; main()", f"results_dir={out}"]
+    if default_grid:
+        commands = {"default grid": head}
+    else:
+        commands = {m: head + [f"method={m}", f"bits={','.join(map(str, [b for b in bits if b] or [4]))}",
+                               f"task=wikitext2,{','.join(tasks)}"] for m, bits in by_method.items()}
+    for m, cmd in commands.items():
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         wall += time.perf_counter() - t0
@@ -66,8 +79,9 @@ def run_quanteval(out: Path, variants: list[tuple[str, int]], tasks: list[str]) 
         rec = results.read_run(f)
         for k, v in (rec.get("timings") or {}).items():
             phases[k] += v
+        phases[f"eval_{rec['task']}_s"] += (rec.get("timings") or {}).get("eval_s", 0.0)
         if rec["task"] in tasks:
-            scores[(rec["variant"]["label"], rec["task"])] = (rec["status"], (rec.get("metrics") or {}).get("primary"))
+            scores[(rec["variant"]["label"], rec["task"])] = (rec["status"], rec.get("metrics") or {})
     return {"wall_s": wall, "peak_rss_mb": peak, "phases_s": dict(phases), "scores": scores}
 
 
@@ -117,22 +131,27 @@ def run_naive(variants: list[tuple[str, int]], tasks: list[str], batch_size: int
         for task in tasks:
             t0 = time.perf_counter()
             out = simple_evaluate(model=lm, tasks=[lmeval_name(task)], task_manager=tm, limit=sizes[task][0],
-                                  apply_chat_template=True, gen_kwargs=f"max_gen_toks={sizes[task][1]}",
+                                  apply_chat_template=task_table()[task].chat, gen_kwargs=f"max_gen_toks={sizes[task][1]}",
                                   bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
                                   fewshot_random_seed=0)
             phases["eval_s"] += time.perf_counter() - t0
+            phases[f"eval_{task}_s"] += time.perf_counter() - t0
             res = out["results"][lmeval_name(task)]
-            spec_primary = _primary(task)
-            scores[(label, task)] = ("ok", float(res[spec_primary]))
+            metric = _metric(task, res)
+            scores[(label, task)] = ("ok", float(res[f"{metric},none"]), metric)
         del lm, loaded
     return {"wall_s": time.perf_counter() - t_all, "phases_s": dict(phases), "scores": scores}
 
 
-def _primary(task: str) -> str:
+def _metric(task: str, res: dict) -> str:
+    """The metric both pipelines report: the task's primary when lm-eval computes it, else lm-eval's first
+    (mt_bench's primary, ROUGE-L against the baseline's answers, is quanteval's own; lm-eval gives words)."""
     from quanteval_tasks import task_table
 
     primary = task_table()[task].primary
-    return primary if "," in primary else f"{primary},none"  # lm-eval's result keys
+    if f"{primary},none" in res:
+        return primary
+    return next(k.split(",")[0] for k in res if k.endswith(",none") and "_stderr" not in k)
 
 
 def main(argv=None) -> dict:
@@ -141,7 +160,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--tasks", default="gsm8k,dialogsum", help="generative tasks (not arith_chain: its limit is per k)")
     ap.add_argument("--naive-batch-size", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path("results/bench/b1"))
+    ap.add_argument("--default-grid", action="store_true",
+                    help=f"the README's main command against the naive pipeline on {DEFAULT_VARIANTS} x {DEFAULT_TASKS}")
     args = ap.parse_args(argv)
+    if args.default_grid:
+        args.variants, args.tasks = DEFAULT_VARIANTS, DEFAULT_TASKS
     variants = [(v.split(":")[0], int(v.split(":")[1]) if ":" in v else 0) for v in args.variants.split(",")]
     tasks = args.tasks.split(",")
     if "arith_chain" in tasks:
@@ -149,19 +172,20 @@ def main(argv=None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     qe_dir = (args.out / "quanteval").resolve()
     shutil.rmtree(qe_dir, ignore_errors=True)  # fresh caches: the baseline and quantisations are computed here
-    ours = run_quanteval(qe_dir, variants, tasks)
+    ours = run_quanteval(qe_dir, variants, tasks, args.default_grid)
     (args.out / "quanteval.json").write_text(json.dumps({**ours, "scores": {" | ".join(k): v for k, v in
                                                                          ours["scores"].items()}}, indent=1))
     naive = run_naive(variants, tasks, args.naive_batch_size)
     rows, same = [], 0
-    for key, (status, score) in naive["scores"].items():
-        q_status, q_score = ours["scores"].get(key, (None, None))
+    for key, (status, score, metric) in naive["scores"].items():
+        q_status, q_metrics = ours["scores"].get(key, (None, {}))
+        q_score = q_metrics.get(metric)
         match = q_status == "ok" and q_score is not None and abs(q_score - score) < 1e-9
         same += match
-        rows.append({"variant": key[0], "task": key[1], "naive": score, "quanteval": q_score,
+        rows.append({"variant": key[0], "task": key[1], "metric": metric, "naive": score, "quanteval": q_score,
                      "quanteval_status": q_status, "same": match})
     compared = sum(r["quanteval_status"] == "ok" for r in rows)
-    result = {"variants": args.variants, "tasks": tasks, "naive_batch_size": args.naive_batch_size,
+    result = {"variants": args.variants, "tasks": tasks, "default_grid": args.default_grid, "naive_batch_size": args.naive_batch_size,
               "quanteval_s": round(ours["wall_s"], 1), "naive_s": round(naive["wall_s"], 1),
               "ratio": round(ours["wall_s"] / naive["wall_s"], 3), "quanteval_phases_s": ours["phases_s"],
               "naive_phases_s": naive["phases_s"], "quanteval_peak_rss_mb": round(ours["peak_rss_mb"]),
@@ -170,7 +194,7 @@ def main(argv=None) -> dict:
     print(f"quanteval {ours['wall_s']:.0f} s, naive {naive['wall_s']:.0f} s: ratio {result['ratio']:.2f}; "
           f"same scores {result['same_scores']}; quanteval peak RSS {ours['peak_rss_mb']:.0f} MB")
     for r in rows:
-        print(f"  {r['variant']:<14} {r['task']:<10} naive {r['naive']:.4f}  quanteval "
+        print(f"  {r['variant']:<14} {r['task']:<10} {r['metric']:<8} naive {r['naive']:.4f}  quanteval "
               f"{r['quanteval'] if r['quanteval'] is None else round(r['quanteval'], 4)} ({r['quanteval_status']})")
     return result
 

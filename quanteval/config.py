@@ -412,6 +412,9 @@ class PresetConfig:
     # sequences generated together: "auto" sizes it from free memory (quanteval.generate.auto_batch_size);
     # greedy outputs do not depend on it, so it is not part of a run's key
     gen_batch_size: str = "auto"
+    # with gen_batch_size=auto on a CPU: MiB of KV cache a generation batch is sized for (memory against
+    # speed: README, Performance, B3); like the batch size, not part of a run's key
+    gen_kv_budget_mb: int = 1024
 
     def __post_init__(self) -> None:
         for group in ("limits", "max_new_tokens"):
@@ -419,6 +422,8 @@ class PresetConfig:
                 _check(isinstance(v, int) and v > 0, f"preset.{group}.{k}={v}: must be a positive integer")
         _check(self.gen_batch_size == "auto" or (self.gen_batch_size.isdigit() and int(self.gen_batch_size) > 0),
                f"preset.gen_batch_size={self.gen_batch_size}: must be 'auto' or a positive integer")
+        _check(isinstance(self.gen_kv_budget_mb, int) and self.gen_kv_budget_mb > 0,
+               f"preset.gen_kv_budget_mb={self.gen_kv_budget_mb}: must be a positive integer (MiB)")
         _check(isinstance(self.autoround_iters, int) and self.autoround_iters >= 0,
                f"preset.autoround_iters={self.autoround_iters}: must be a non-negative integer")
         for k in ("n_windows", "seq_len", "calib_samples", "calib_seq_len"):

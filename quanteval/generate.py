@@ -213,12 +213,13 @@ def _free_bytes(device: torch.device) -> int:
 
 
 def auto_batch_size(model, n_prompts: int, max_len: int, free_bytes: int | None = None,
-                    mean_len: int | None = None) -> int:
+                    mean_len: int | None = None, kv_budget: int | None = None) -> int:
     """The batch the memory budget holds: each row needs its KV cache (``mean_len`` tokens on average,
     prompt + cap; ``max_len`` at most) plus a prefill's activations. The budget is half the free memory,
-    and on a CPU at most ``CPU_KV_BUDGET`` bytes of KV cache (a full fp32 cache of 32 rows x 1K tokens is
-    1.5 GB for SmolLM2: the budget keeps a sweep's peak memory predictable). Capped at ``CPU_MAX_BATCH`` /
-    ``CUDA_MAX_BATCH`` and at the number of prompts.
+    and on a CPU at most ``kv_budget`` bytes of KV cache (default ``CPU_KV_BUDGET``; the sweep passes
+    ``preset.gen_kv_budget_mb``. A full fp32 cache of 32 rows x 1K tokens is 1.5 GB for SmolLM2: the budget
+    keeps a sweep's peak memory predictable). Capped at ``CPU_MAX_BATCH`` / ``CUDA_MAX_BATCH`` and at the
+    number of prompts.
 
     >>> # a row of 1 000 tokens at 100 kB/token is 0.3 GB with the margins: 4 GB free holds 6
     """
@@ -230,7 +231,8 @@ def auto_batch_size(model, n_prompts: int, max_len: int, free_bytes: int | None 
     cap = CUDA_MAX_BATCH if device.type == "cuda" else CPU_MAX_BATCH
     rows = int(free * 0.5) // max(per_row, 1)
     if device.type != "cuda":
-        rows = min(rows, CPU_KV_BUDGET // max(kv_bytes_per_token(model) * (mean_len or max_len), 1))
+        budget = CPU_KV_BUDGET if kv_budget is None else kv_budget
+        rows = min(rows, budget // max(kv_bytes_per_token(model) * (mean_len or max_len), 1))
     return max(1, min(cap, n_prompts, rows))
 
 
@@ -277,8 +279,10 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, stop
 
 @torch.no_grad()
 def generate_requests(model, tokenizer, requests: Sequence[Request], batch_size: int | str = "auto",
-                      desc: str = "generate") -> list[Generation]:
-    """Greedy continuations of ``requests``, each with its own cap and stop strings (in their order)."""
+                      desc: str = "generate", kv_budget: int | None = None) -> list[Generation]:
+    """Greedy continuations of ``requests``, each with its own cap and stop strings (in their order).
+    ``batch_size="auto"`` sizes the batch by ``auto_batch_size``, with ``kv_budget`` bytes of KV cache on
+    a CPU."""
     if not requests:
         return []
     bad = next((r for r in requests if r.max_new_tokens < 1), None)
@@ -286,7 +290,8 @@ def generate_requests(model, tokenizer, requests: Sequence[Request], batch_size:
         raise ValueError(f"max_new_tokens={bad.max_new_tokens}: must be >= 1")
     if batch_size == "auto":
         lengths = [len(r.ids) + r.max_new_tokens for r in requests]
-        bs = auto_batch_size(model, len(requests), max(lengths), mean_len=sum(lengths) // len(lengths))
+        bs = auto_batch_size(model, len(requests), max(lengths), mean_len=sum(lengths) // len(lengths),
+                             kv_budget=kv_budget)
     elif isinstance(batch_size, int) and batch_size >= 1:
         bs = batch_size
     else:

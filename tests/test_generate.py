@@ -252,3 +252,18 @@ def test_cpu_batch_is_sized_from_the_kv_budget(tiny_model):
     rows = G.CPU_KV_BUDGET // (per_tok * 1000)
     assert auto_batch_size(model, 1000, 1000, free_bytes=10**12, mean_len=1000) == rows < G.CPU_MAX_BATCH
     assert auto_batch_size(model, 1000, 1000, free_bytes=10**12, mean_len=300) == G.CPU_MAX_BATCH
+    # preset.gen_kv_budget_mb: a smaller budget holds proportionally fewer rows
+    assert auto_batch_size(model, 1000, 1000, free_bytes=10**12, mean_len=300, kv_budget=256 << 20) \
+        == (256 << 20) // (per_tok * 300) == 19
+
+
+def test_the_kv_budget_is_a_preset_setting_outside_the_run_key():
+    from quanteval.config import GenerativeTaskConfig, ModelConfig, PresetConfig, RTNConfig, RunConfig
+    from quanteval.variant import Run
+
+    assert PresetConfig().gen_kv_budget_mb == G.CPU_KV_BUDGET >> 20
+    with pytest.raises(ValueError, match="preset.gen_kv_budget_mb=0: must be a positive integer"):
+        PresetConfig(gen_kv_budget_mb=0)
+    keys = {Run.of(RunConfig(model=ModelConfig(), method=RTNConfig(), task=GenerativeTaskConfig(name="gsm8k"),
+                             preset=PresetConfig(gen_kv_budget_mb=mb), bits=4)).key for mb in (256, 1024)}
+    assert len(keys) == 1  # greedy answers do not depend on the batch it sizes

@@ -542,7 +542,8 @@ def generate_together(ctx, first: tuple, siblings: list, baseline: bool = False)
         log.info("generating %d prompts of %d tasks in one batch: %s", len(requests), len(members), ", ".join(names))
     t0 = time.perf_counter()
     gens = generate_requests(ctx.loaded.model, ctx.loaded.tokenizer, requests,
-                             batch_size=ctx.cfg.preset.batch_size(), desc=f"{'+'.join(names)} generate")
+                             batch_size=ctx.cfg.preset.batch_size(), desc=f"{'+'.join(names)} generate",
+                             kv_budget=ctx.cfg.preset.gen_kv_budget_mb << 20)
     seconds = time.perf_counter() - t0
     batch_tokens = max(1, sum(g.n_tokens for g in gens))
 
