@@ -217,8 +217,8 @@ def auto_batch_size(model, n_prompts: int, max_len: int, free_bytes: int | None 
     """The batch the memory budget holds: each row needs its KV cache (``mean_len`` tokens on average,
     prompt + cap; ``max_len`` at most) plus a prefill's activations. The budget is half the free memory,
     and on a CPU at most ``kv_budget`` bytes of KV cache (default ``CPU_KV_BUDGET``; the sweep passes
-    ``preset.gen_kv_budget_mb``. A full fp32 cache of 32 rows x 1K tokens is 1.5 GB for SmolLM2: the budget
-    keeps a sweep's peak memory predictable). Capped at ``CPU_MAX_BATCH`` / ``CUDA_MAX_BATCH`` and at the
+    ``preset.gen_kv_budget_mb``). A full fp32 cache of 32 rows x 1K tokens is 1.5 GB for SmolLM2: the budget
+    keeps a sweep's peak memory predictable. Capped at ``CPU_MAX_BATCH`` / ``CUDA_MAX_BATCH`` and at the
     number of prompts.
 
     >>> # a row of 1 000 tokens at 100 kB/token is 0.3 GB with the margins: 4 GB free holds 6
