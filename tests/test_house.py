@@ -205,3 +205,15 @@ def test_bad_paths_fail_before_any_work(tiny_model, tiny_data, tmp_path, monkeyp
         assert code == 2 and len(lines) == 1, (extra, lines)
         assert needle in lines[0], (extra, lines[0])
     assert not (tmp_path / "r").exists()
+
+
+def test_no_root_folder_shadows_an_installed_package():
+    """A root folder with an ``__init__.py`` is importable by its own name wherever the repo root is on
+    ``sys.path`` (``python -m pytest``, the README's test command), and hides an installed package of that
+    name: ``kernels/`` hid the hub's ``kernels`` once transformers 5.25 came to require it."""
+    from importlib.metadata import packages_distributions
+
+    installed = packages_distributions()
+    ours = {p.name for p in REPO.iterdir() if (p / "__init__.py").is_file()}
+    clash = sorted(n for n in ours if n in installed and n != "quanteval")
+    assert not clash, f"root folders {clash} shadow the installed packages of {[installed[n] for n in clash]}"

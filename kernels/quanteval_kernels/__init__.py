@@ -1,8 +1,10 @@
 """quanteval_kernels: bit packing and dequant-matmul kernels (torch reference + Triton).
 
-Imported as ``quanteval_kernels`` (Hugging Face publishes a package named
-``kernels`` that transformers probes for, so this folder is mapped to its own
-name in ``pyproject.toml``). Pure tensor code: nothing here imports
+Imported as ``quanteval_kernels``, from ``kernels/quanteval_kernels/``. Hugging Face
+publishes a package named ``kernels`` that transformers (5.25 on) requires and
+imports, so the repo's ``kernels/`` folder holds no ``__init__.py``: were it a
+package, it would shadow the installed one wherever the repo root is on
+``sys.path`` (``python -m pytest`` from the root). Pure tensor code: nothing here imports
 ``quanteval``, touches ``nn.Module`` or files.
 
 - ``pack``: codes <-> int32 words (2, 3, 4, 8 bits; layout documented there),
