@@ -88,10 +88,24 @@ def test_batched_equals_unbatched_generate(tiny_model, one_thread, monkeypatch):
     merges = []
     real_merge = G._merge
     monkeypatch.setattr(G, "_merge", lambda *a: merges.append(1) or real_merge(*a))
+    trims = []  # leading columns dropped when rows left (padding in every row still running)
+    real_select = G._select
+
+    def select(cache, indices, mask):
+        kept = real_select(cache, indices, mask)
+        trims.append(mask.shape[1] - kept.shape[1])
+        return kept
+
+    monkeypatch.setattr(G, "_select", select)
+    groups = []  # prefills split by prompt length (stacked into one cache)
+    real_groups = G.length_groups
+    monkeypatch.setattr(G, "length_groups", lambda lengths: groups.append(real_groups(lengths)) or groups[-1])
     ps = prompts(12)
     out = check_against_reference(model, tok, ps, 24, stop=["king war"], batch_sizes=[1, 4, 12, "auto"])
     assert {"eos", "length"} <= out["finish"]  # rows ended at different steps
     assert merges, "no refill happened: the continuous-batching path was not exercised"
+    assert max(trims) > 0, "no padding column was dropped: the trim path was not exercised"
+    assert max(map(len, groups)) > 1, "no prefill was split by length: the grouped prefill was not exercised"
     assert sum(out["ties"].values()) <= len(ps)  # ties are rare; many would mean a real difference
 
 
