@@ -127,6 +127,15 @@ def adapter_for(model: torch.nn.Module) -> Adapter:
     return ADAPTERS[model_type]
 
 
+def output_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Float32 logits from the decoder's output (after its final norm): the output head, then the soft cap
+    of a config that has one (Gemma's ``final_logit_softcapping``), as the model's own forward applies them.
+    For the callers that keep the decoder's hidden states and make logits only where they need them."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 # --------------------------------------------------------------------------- loading
 
 

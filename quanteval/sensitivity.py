@@ -136,10 +136,9 @@ class _Weights:
 
 def _head(model, hidden: torch.Tensor) -> torch.Tensor:
     """Logits from the last block's output (the final norm, the output head, Gemma's soft cap)."""
-    h = model.get_decoder().norm(hidden)
-    logits = model.get_output_embeddings()(h).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
+    from quanteval.models import output_logits
+
+    return output_logits(model, model.get_decoder().norm(hidden))
 
 
 @torch.no_grad()

@@ -90,16 +90,14 @@ class _ChunkedLogits:
         device = next(model.parameters()).device
         out = model.get_decoder()(input_ids=window[None].to(device), use_cache=False)
         self.hidden = out.last_hidden_state[0, :-1]  # (P, H)
-        self.head = model.get_output_embeddings()
-        self.cap = getattr(model.config, "final_logit_softcapping", None)
-        self.shape = (self.hidden.shape[0], self.head.weight.shape[0])
+        self.model = model
+        self.shape = (self.hidden.shape[0], model.get_output_embeddings().weight.shape[0])
         self.device = self.hidden.device
 
     def __getitem__(self, sl: slice) -> torch.Tensor:
-        logits = self.head(self.hidden[sl]).float()
-        if self.cap:
-            logits = torch.tanh(logits / self.cap) * self.cap
-        return logits
+        from quanteval.models import output_logits
+
+        return output_logits(self.model, self.hidden[sl])
 
 
 def _logits(model, window: torch.Tensor):
