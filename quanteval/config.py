@@ -415,6 +415,10 @@ class PresetConfig:
     # with gen_batch_size=auto on a CPU: MiB of KV cache a generation batch is sized for (memory against
     # speed: README, Performance, B3); like the batch size, not part of a run's key
     gen_kv_budget_mb: int = 1024
+    # a variant's answers start from the part of the baseline's answer its own teacher-forced pass agrees
+    # with (tasks scored on the baseline's answers), verified before it is taken; the answers are those of
+    # plain decoding up to numerical ties, so it is not part of a run's key either
+    gen_draft: bool = True
 
     def __post_init__(self) -> None:
         for group in ("limits", "max_new_tokens"):
@@ -424,6 +428,7 @@ class PresetConfig:
                f"preset.gen_batch_size={self.gen_batch_size}: must be 'auto' or a positive integer")
         _check(isinstance(self.gen_kv_budget_mb, int) and self.gen_kv_budget_mb > 0,
                f"preset.gen_kv_budget_mb={self.gen_kv_budget_mb}: must be a positive integer (MiB)")
+        _check(isinstance(self.gen_draft, bool), f"preset.gen_draft={self.gen_draft!r}: must be true or false")
         _check(isinstance(self.autoround_iters, int) and self.autoround_iters >= 0,
                f"preset.autoround_iters={self.autoround_iters}: must be a non-negative integer")
         for k in ("n_windows", "seq_len", "calib_samples", "calib_seq_len"):

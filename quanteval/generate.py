@@ -73,6 +73,7 @@ CUDA_MAX_BATCH = 256
 PREFILL_BUDGET = {"cpu": 32 * 1024**2, "cuda": 256 * 2048**2}
 PREFILL_SLACK = 1.25  # a prefill computes at most this many padded tokens per real one (length_groups)
 CPU_KV_BUDGET = 1 << 30  # bytes of KV cache a CPU batch is sized for (auto_batch_size)
+TIE = 1e-4  # a top-2 logit gap below this is a numerical tie: float rounding may pick either token
 GROW = 64  # positions a row's KV buffer grows by when full (a copy every GROW steps, not one per step)
 
 
@@ -87,6 +88,8 @@ class Generation:
     n_tokens: int  # tokens generated (including the one that completed a stop string or EOS)
     finish: str  # "eos" | "stop" | "length"
     tokens: list[int] = field(default_factory=list, repr=False)  # the generated ids, n_tokens of them
+    drafted: int = 0  # of those, taken from the request's draft (verified, not decoded one by one)
+    draft_ties: int = 0  # draft tokens within TIE of the model's argmax but not it (numerical ties)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -286,12 +289,16 @@ class Request:
     """One prompt's generation: its token ids, cap and stop strings.
 
     >>> Request([1, 2, 3], max_new_tokens=64, stop=("\\n\\n",))
-    Request(ids=[1, 2, 3], max_new_tokens=64, stop=('\\n\\n',))
+    Request(ids=[1, 2, 3], max_new_tokens=64, stop=('\\n\\n',), draft=())
     """
 
     ids: list[int]
     max_new_tokens: int
     stop: tuple[str, ...] = ()
+    # tokens expected to be the model's own greedy continuation (e.g. the part of the baseline's answer a
+    # teacher-forced pass of this model agreed with): prefilled with the prompt, verified against the
+    # prefill's logits and taken as generated, so decoding starts after them (see _Engine._verify)
+    draft: tuple[int, ...] = ()
 
 
 def is_oom(e: BaseException) -> bool:
@@ -369,7 +376,6 @@ class _Engine:
 
     def __init__(self, model, tokenizer, requests, pending, out, batch_size, bar):
         self.model, self.tok, self.reqs = model, tokenizer, requests
-        self.encoded = [r.ids for r in requests]
         self.bs, self.out, self.bar = batch_size, out, bar
         self.device = next(model.parameters()).device
         self.eos = _eos_ids(model, tokenizer)
@@ -377,27 +383,44 @@ class _Engine:
         self.cache_kw = _cache_kwarg(model)
         self.stackable = _growing_cache(model, 0) is not None  # rows can join a running batch (refills)
         self.reserve = min(GROW, max(requests[i].max_new_tokens for i in pending))  # cache positions grown at once
-        self.queue = sorted(pending, key=lambda i: -len(self.encoded[i]))  # longest first
+        # drafts: prefilled with their prompts, verified, and taken as generated (at least one token is decoded)
+        self.drafts = {i: list(requests[i].draft[: requests[i].max_new_tokens - 1]) for i in pending
+                       if requests[i].draft and requests[i].max_new_tokens > 1}
+        self.queue = sorted(pending, key=lambda i: -len(self._ids(i)))  # longest first
+        self.tokens: dict[int, list[int]] = {}  # tokens so far of each row in the batch
+        self.ties: dict[int, int] = {}  # per request: draft tokens that only tie with the model's argmax
         # tokens decoded to look for a stop string, per request (decoding fewer is cheaper on every step)
         self.windows = {i: max((len(x) for x in requests[i].stop), default=0) + 8 for i in pending}
 
+    def _ids(self, r: int) -> list[int]:
+        """What row ``r``'s prefill reads: its prompt, then its draft (if it still has one)."""
+        return self.reqs[r].ids + self.drafts.get(r, [])
+
     def run(self) -> None:
         refill_at = max(1, self.bs // 4)  # free rows that trigger a refill (fewer refills, fuller prefills)
-        rows, cache, mask, pos, logits = self._prefill(self._take(self.bs))
-        tokens: dict[int, list[int]] = {r: [] for r in rows}
-        while rows:
+        rows: list[int] = []
+        cache = mask = pos = logits = None
+        while rows or self.queue:
+            free = self.bs - len(rows)
+            if self.queue and (not rows or (free >= refill_at and self.stackable)):
+                part = self._prefill(self._take(free))
+                if part is not None and rows:
+                    mask = _merge([cache, part[1]], [mask, part[2]], self.reserve)
+                    rows, pos, logits = rows + part[0], torch.cat([pos, part[3]]), torch.cat([logits, part[4]])
+                elif part is not None:
+                    rows, cache, mask, pos, logits = part
+                if not rows:  # every row taken ended inside its draft or fell back to the queue
+                    continue
             nxt = logits.argmax(-1)  # (alive,)
             keep = []
             for j, r in enumerate(rows):
-                t = int(nxt[j])
-                tokens[r].append(t)
-                if not self._finished(r, tokens[r]):
+                self.tokens[r].append(int(nxt[j]))
+                if not self._finished(r, self.tokens[r]):
                     keep.append(j)
             if len(keep) < len(rows):
                 sel = torch.tensor(keep, device=self.device, dtype=torch.long)
                 mask = _select(cache, sel, mask) if keep else mask[sel]
                 rows, pos, nxt = [rows[j] for j in keep], pos[sel], nxt[sel]
-            logits = None
             if rows:
                 mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
                 out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
@@ -405,41 +428,34 @@ class _Engine:
                 cache = getattr(out, "cache", None) or out.past_key_values
                 pos = pos + 1
                 logits = out.logits[:, -1]
-            free = self.bs - len(rows)
-            if self.queue and (not rows or (free >= refill_at and self.stackable)):
-                new_rows, c2, m2, p2, l2 = self._prefill(self._take(free))
-                tokens.update({r: [] for r in new_rows})
-                if rows:
-                    mask = _merge([cache, c2], [mask, m2], self.reserve)
-                    rows, pos, logits = rows + new_rows, torch.cat([pos, p2]), torch.cat([logits, l2])
-                else:
-                    rows, cache, mask, pos, logits = new_rows, c2, m2, p2, l2
 
     def _take(self, n: int) -> list[int]:
         """Up to ``n`` prompts from the queue (longest first), as many as one prefill's budget holds."""
         if not self.queue:
             return []
-        width = len(self.encoded[self.queue[0]])
+        width = len(self._ids(self.queue[0]))
         budget = PREFILL_BUDGET["cuda" if self.device.type == "cuda" else "cpu"]
         n = max(1, min(n, budget // max(width * width, 1)))
         taken, self.queue = self.queue[:n], self.queue[n:]
         return taken
 
     def _prefill(self, rows: list[int]):
-        """Prefill of ``rows``' prompts: (rows, cache, mask, next positions, last logits), their caches
-        left-padded to the longest. Prompts of very different lengths are prefilled in groups of similar
-        length (``length_groups``) and stacked, where the cache can be (a growing one)."""
-        groups = length_groups([len(self.encoded[r]) for r in rows]) if self.stackable else [range(len(rows))]
-        parts = [self._prefill_group([rows[i] for i in g]) for g in groups]
-        if len(parts) == 1:
-            return parts[0]
+        """Prefill of ``rows``' prompts (and drafts): (rows, cache, mask, next positions, last logits), their
+        caches left-padded to the longest, or None when no row is left to decode (each ended inside its
+        draft, or its draft was refused and it went back to the queue). Prompts of very different lengths
+        are prefilled in groups of similar length (``length_groups``) and stacked, where the cache can be
+        (a growing one)."""
+        groups = length_groups([len(self._ids(r)) for r in rows]) if self.stackable else [range(len(rows))]
+        parts = [p for p in (self._prefill_group([rows[i] for i in g]) for g in groups) if p is not None]
+        if len(parts) <= 1:
+            return parts[0] if parts else None
         mask = _merge([p[1] for p in parts], [p[2] for p in parts], self.reserve)
         return ([r for p in parts for r in p[0]], parts[0][1], mask, torch.cat([p[3] for p in parts]),
                 torch.cat([p[4] for p in parts]))
 
     def _prefill_group(self, rows: list[int]):
-        """One left-padded prefill of ``rows``' prompts: (rows, cache, mask, next positions, last logits)."""
-        seqs = [self.encoded[r] for r in rows]
+        """One left-padded prefill of ``rows``' prompts and drafts (see ``_prefill``)."""
+        seqs = [self._ids(r) for r in rows]
         n, width = len(seqs), max(len(x) for x in seqs)
         ids = torch.full((n, width), self.pad, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
@@ -450,10 +466,63 @@ class _Engine:
         pos = (mask.cumsum(1) - 1).clamp(min=0)  # (n, width): position ids that skip the padding
         cache = _growing_cache(self.model, self.reserve)
         kwargs = {self.cache_kw: cache} if cache is not None else {}
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
-                         **kwargs)
+        drop: list[int] = []
+        if any(r in self.drafts for r in rows):  # the hidden states of every position, to verify the drafts
+            from quanteval.models import output_logits
+
+            out = self.model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                                           **kwargs)
+            hidden = out.last_hidden_state  # (n, width, H)
+            logits = output_logits(self.model, hidden[:, -1])  # (n, V), as the model's own head gives it
+            drop = [i for i, r in enumerate(rows) if r in self.drafts and not self._verify(r, hidden[i])]
+        else:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                             **kwargs)
+            logits = out.logits[:, -1]
         cache = getattr(out, "cache", None) or out.past_key_values
-        return rows, cache, mask, pos[:, -1:] + 1, out.logits[:, -1]
+        for i, r in enumerate(rows):
+            draft = self.drafts.get(r, [])
+            self.tokens[r] = []
+            for t in draft:  # taken as generated, one at a time: a draft may end its request (a stop string)
+                self.tokens[r].append(t)
+                if self._finished(r, self.tokens[r]):
+                    drop.append(i)
+                    break
+        if drop:
+            keep = [i for i in range(n) if i not in set(drop)]
+            if not keep:
+                return None
+            sel = torch.tensor(keep, device=self.device, dtype=torch.long)
+            mask = _select(cache, sel, mask)
+            rows, pos, logits = [rows[i] for i in keep], pos[sel], logits[sel]
+        return rows, cache, mask, pos[:, -1:] + 1, logits
+
+    def _verify(self, r: int, hidden: torch.Tensor) -> bool:
+        """Whether row ``r``'s draft is the model's own greedy continuation: at each draft position the
+        draft token is the argmax of this prefill's logits, or within ``TIE`` of it (a numerical tie,
+        counted). Otherwise the draft is dropped, the request goes back to the queue to be decoded plainly,
+        and it is logged: a draft never puts a token the model would not choose into an answer.
+        ``hidden``: (width, H), the row's prefill, its draft the last positions."""
+        from quanteval.models import output_logits
+
+        draft = torch.tensor(self.drafts[r], device=hidden.device)
+        d = len(draft)
+        h = hidden[-1 - d:-1]  # (d, H): the positions that predict draft[0], ..., draft[d - 1]
+        ties = 0
+        for s in range(0, d, 128):
+            logits = output_logits(self.model, h[s:s + 128])  # (c, V)
+            best = logits.max(-1).values
+            gap = best - logits.gather(1, draft[s:s + 128, None])[:, 0]  # 0 where the draft token is the argmax
+            if bool((gap >= TIE).any()):
+                j = s + int((gap >= TIE).nonzero()[0])
+                log.warning("a draft disagreed with the model at its token %d of %d (top logit %.4g above the "
+                            "draft token's): that answer is decoded without it", j, d, float(gap[j - s]))
+                self.drafts.pop(r)
+                self.queue.append(r)
+                return False
+            ties += int((gap > 0).sum())
+        self.ties[r] = ties
+        return True
 
     def _finished(self, r: int, toks: list[int]) -> bool:
         """Record row ``r``'s generation if its last token ends it."""
@@ -469,6 +538,8 @@ class _Engine:
             return False
         kept = toks[:-1] if finish == "eos" else toks
         text, _ = _cut(self.tok.decode(kept, skip_special_tokens=True), req.stop)
-        self.out[r] = Generation(text, len(toks), finish, list(toks))
+        drafted = min(len(self.drafts.get(r, ())), len(toks))
+        self.out[r] = Generation(text, len(toks), finish, list(toks), drafted, self.ties.pop(r, 0))
+        self.tokens.pop(r, None)
         self.bar.update(1)
         return True

@@ -101,12 +101,14 @@ class Session:
 
     # ------------------------------------------------------------------ answers generated ahead
 
-    def put_generations(self, key: str, gens: list, info: dict) -> None:
-        """Keep ``gens`` (one task's answers, generated in another job's batch) for the job of ``key``."""
-        self._generations[key] = (gens, info)
+    def put_generations(self, key: str, gens: list, info: dict, records: Optional[list] = None) -> None:
+        """Keep ``gens`` (one task's answers, generated in another job's batch) for the job of ``key``, with
+        its teacher-forced ``records`` when the batch computed them ahead (for drafts)."""
+        self._generations[key] = (gens, info, records)
 
-    def take_generations(self, key: str) -> Optional[tuple[list, dict]]:
-        """The answers kept for ``key`` (removed: each is used once), or None."""
+    def take_generations(self, key: str) -> Optional[tuple[list, dict, Optional[list]]]:
+        """The (answers, batch record, teacher-forced records) kept for ``key`` (removed: each is used
+        once), or None."""
         return self._generations.pop(key, None)
 
     # ------------------------------------------------------------------ cache files

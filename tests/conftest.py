@@ -120,3 +120,16 @@ def load_lm_eval_task(name: str, **metadata):
 
     tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata=metadata or None)
     return tm.load(f"quanteval_{name}")["tasks"][f"quanteval_{name}"]
+
+
+def talking(model, tok, seed: int = 0):
+    """A random untied output layer with spread-out logits, EOS in place of one common word (so rows end
+    at different steps): a tiny model whose greedy answers are words, not one repeated token."""
+    import torch
+
+    model.config.tie_word_embeddings = False
+    w = torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(seed))  # (vocab, hidden)
+    word = tok.convert_tokens_to_ids("Ġthe")
+    w[tok.eos_token_id] = 1.02 * w[word]
+    model.lm_head.weight = torch.nn.Parameter(w)
+    return model.eval()

@@ -19,22 +19,11 @@ from transformers import AutoTokenizer, GenerationConfig
 import quanteval.generate as G
 from quanteval.generate import Generation, auto_batch_size, generate
 
-from conftest import WORDS
+from conftest import WORDS, talking
 
 TIE = 1e-4
 
 
-
-
-def talking(model, tok, seed: int = 0):
-    """A random untied output layer with spread-out logits, EOS in place of one common word (so rows end
-    at different steps)."""
-    model.config.tie_word_embeddings = False
-    w = torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(seed))  # (vocab, hidden)
-    word = tok.convert_tokens_to_ids("Ġthe")
-    w[tok.eos_token_id] = 1.02 * w[word]
-    model.lm_head.weight = torch.nn.Parameter(w)
-    return model.eval()
 
 
 def prompts(n: int, seed: int = 0) -> list[str]:
@@ -281,3 +270,48 @@ def test_the_kv_budget_is_a_preset_setting_outside_the_run_key():
     keys = {Run.of(RunConfig(model=ModelConfig(), method=RTNConfig(), task=GenerativeTaskConfig(name="gsm8k"),
                              preset=PresetConfig(gen_kv_budget_mb=mb), bits=4)).key for mb in (256, 1024)}
     assert len(keys) == 1  # greedy answers do not depend on the batch it sizes
+
+
+def test_drafts_give_the_plain_answers_and_a_wrong_one_falls_back(tiny_model, one_thread, caplog):
+    """A draft (tokens expected to be the model's own greedy continuation) is prefilled, verified and taken
+    as generated: the answers are plain decoding's (up to counted ties). A draft with a token the model would
+    not choose is refused: that request is decoded plainly, the refusal logged, its answer still plain."""
+    import dataclasses
+    import logging
+
+    from transformers import AutoModelForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = talking(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), tok)
+    ps = prompts(8, seed=5)
+    reqs = [G.Request(tok(p, add_special_tokens=False)["input_ids"], 24, ("king war",)) for p in ps]
+    plain = G.generate_requests(model, tok, reqs, batch_size=4)
+    # drafts: the first half of each plain answer; request 3's has one token changed
+    cut = [max(1, g.n_tokens // 2) for g in plain]
+    drafted = [dataclasses.replace(r, draft=tuple(g.tokens[:c])) for r, g, c in zip(reqs, plain, cut)]
+    wrong = list(drafted[3].draft)
+    wrong[-1] = (wrong[-1] + 1) % len(tok)
+    drafted[3] = dataclasses.replace(drafted[3], draft=tuple(wrong))
+    with caplog.at_level(logging.WARNING, logger="quanteval.generate"):
+        got = G.generate_requests(model, tok, drafted, batch_size=4)
+    assert "a draft disagreed with the model" in caplog.text
+    for i, (g, p) in enumerate(zip(got, plain)):
+        assert g.tokens == p.tokens or g.draft_ties, (i, g.tokens, p.tokens)
+        assert g.text == p.text and g.finish == p.finish
+        assert g.drafted == (0 if i == 3 else min(cut[i], g.n_tokens)), (i, g.drafted)
+    assert sum(g.drafted for g in got) > 0
+
+
+def test_a_draft_that_ends_its_request_is_the_whole_answer(tiny_model, one_thread):
+    from transformers import AutoModelForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = talking(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), tok)
+    ids = tok("the king of the north", add_special_tokens=False)["input_ids"]
+    plain = G.generate_requests(model, tok, [G.Request(ids, 12)], batch_size=1)[0]
+    stop = tok.decode(plain.tokens[2:4])  # a stop string completed inside the draft
+    req = G.Request(ids, 12, (stop,), draft=tuple(plain.tokens[:6]))
+    got = G.generate_requests(model, tok, [req], batch_size=1)[0]
+    want = G.generate_requests(model, tok, [G.Request(ids, 12, (stop,))], batch_size=1)[0]
+    assert got.finish == want.finish == "stop" and got.text == want.text and got.tokens == want.tokens
+    assert got.drafted == got.n_tokens  # nothing was decoded

@@ -322,3 +322,41 @@ def test_lm_eval_task_manager_loads_every_task_yaml():
     loaded = tm.load([f"quanteval_{n}" for n in expected])["tasks"]
     counts = {name.removeprefix("quanteval_"): len(list(task.test_docs())) for name, task in loaded.items()}
     assert counts == expected
+
+
+def test_drafts_from_the_baselines_answers_change_no_answer(tiny_model, tiny_data, tmp_path):
+    """A variant's tasks scored on the baseline's answers (ifeval, mt_bench) start from the part of the
+    baseline's answer its teacher-forced pass agrees with (preset.gen_draft, on by default): the answers and
+    scores equal plain decoding's (preset.gen_draft=false), and the run files count the drafted tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import talking
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model_dir = tmp_path / "talking"  # a tiny model whose answers are words (the random one's are empty)
+    talking(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), tok).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    runs = {}
+    for draft in ("true", "false"):
+        out = tmp_path / f"draft-{draft}"
+        proc = run_cli(*_args(model_dir, tiny_data, out, "method=none,rtn", "bits=8", "task=ifeval,mt_bench",
+                              f"preset.gen_draft={draft}"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[draft] = out / "default" / "runs"
+    drafted = 0
+    for task in ("ifeval", "mt_bench"):
+        pattern = f"{task}__hf__rtn-w8*.json"
+        with_draft = json.loads(next(runs["true"].glob(pattern)).read_text())
+        without = json.loads(next(runs["false"].glob(pattern)).read_text())
+        assert with_draft["run_key"] == without["run_key"]  # the setting is not part of the key
+        a = G.read_items(runs["true"] / with_draft["items_file"])
+        b = G.read_items(runs["false"] / without["items_file"])
+        assert any(it["output"] for it in b), "the baseline answers nothing: nothing to draft from"
+        ties = with_draft["generation"]["draft_ties"]
+        assert [it["output"] for it in a] == [it["output"] for it in b] or ties, task
+        assert with_draft["metrics"]["primary"] == without["metrics"]["primary"] or ties
+        assert without["generation"]["drafted"] == 0
+        drafted += with_draft["generation"]["drafted"]
+        # the drafted tokens are those the teacher-forced pass found to be the variant's own choices
+        assert with_draft["generation"]["drafted"] <= sum(it["tf"]["own_prefix"] for it in a if it["tf"])
+    assert drafted > 0

@@ -243,14 +243,32 @@ def sequence_baseline(model, seqs: list[tuple[list[int], int]], top_k: int) -> l
     return out
 
 
+DRAFT_MARGIN = 1e-3  # a text token counts as the model's own greedy choice by at least this logit margin
+
+
+def own_prefix(logits: torch.Tensor, target: torch.Tensor, margin: float = DRAFT_MARGIN) -> int:
+    """How many leading tokens of ``target`` are the model's own greedy choices: the argmax of ``logits``
+    (P, V) by at least ``margin`` over the runner-up, so that a pass with other float rounding (a batched
+    prefill, decoding) picks the same token. Greedy decoding from the same prompt reproduces them.
+
+    >>> own_prefix(torch.tensor([[3.0, 1.0], [0.0, 2.0], [1.0, 1.0]]), torch.tensor([0, 1, 0]))
+    2
+    """
+    top = logits.topk(2, dim=-1)  # values, indices: (P, 2)
+    own = (top.indices[:, 0] == target) & (top.values[:, 0] - top.values[:, 1] >= margin)  # (P,)
+    return int(own.long().cumprod(0).sum())
+
+
 @torch.no_grad()
 def sequence_compare(model, seqs: list[tuple[list[int], int]], base: list[dict[str, torch.Tensor]]) -> list[dict]:
-    """Per sequence: mean NLL, mean KL to the baseline, same-top-token rate, and KL at each position."""
+    """Per sequence: mean NLL, mean KL to the baseline, same-top-token rate, KL at each position, and
+    ``own_prefix``: the leading tokens of the text that are this model's own greedy choices (a draft for
+    its generation when the text is the baseline's answer)."""
     out = []
     for (ids, start), b in zip(tqdm(seqs, desc="teacher-forced", leave=False), base):
         logits, target = _sequence_logits(model, ids, start)
         c = _compare_positions(logits, target, b)
         out.append({"n_tokens": int(c["kl"].numel()), "nll_mean": float(c["nll"].double().mean()),
                     "kl_mean": float(c["kl"].double().mean()), "top1": float(c["same"].double().mean()),
-                    "kl_pos": [round(float(v), 5) for v in c["kl"]]})
+                    "own_prefix": own_prefix(logits, target), "kl_pos": [round(float(v), 5) for v in c["kl"]]})
     return out

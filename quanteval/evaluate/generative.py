@@ -392,13 +392,48 @@ class GenerativeTask:
         tok, stop = ctx.loaded.tokenizer, tuple(stop_strings(spec, ctx.cfg.model.prompt_format))
         return [Request(tok(p, add_special_tokens=sp)["input_ids"], spec.max_new_tokens, stop) for p, sp in prompts]
 
-    def _generate(self, ctx, spec: TaskSpec, prompts, key: str, siblings: list) -> tuple[list, dict]:
-        """This task's answers (and how they were generated): kept in the session by an earlier job's
-        batch under ``key``, else generated now together with ``siblings`` (see ``generate_together``)."""
+    def _generate(self, ctx, spec: TaskSpec, prompts, key: str, siblings: list) -> tuple[list, dict, list | None]:
+        """This task's answers, how they were generated, and its teacher-forced records when the batch
+        computed them ahead (for drafts; else None): kept in the session by an earlier job's batch under
+        ``key``, else generated now together with ``siblings`` (see ``generate_together``)."""
         kept = ctx.session.take_generations(key) if ctx.session is not None else None
         if kept is not None and len(kept[0]) == len(prompts):
             return kept
         return generate_together(ctx, (self, spec, prompts, key), siblings, baseline=key.startswith("baseline:"))
+
+    def drafts_from_baseline(self, ctx, spec: TaskSpec) -> bool:
+        """Whether a variant's teacher-forced pass on this task reads the baseline's answers (cached
+        already), so its agreement with them can serve as drafts (``preset.gen_draft``; not for the
+        baseline itself)."""
+        return (self.info.teacher_forced == "baseline" and ctx.cfg.preset.gen_draft
+                and not ctx.run.variant.is_baseline and self._paths(ctx, spec)[1].exists())
+
+    def teacher_forced(self, ctx, spec: TaskSpec) -> list[dict | None]:
+        """Per item, the model's teacher-forced record against the baseline's (None: no text to score)."""
+        import torch
+
+        from quanteval.evaluate import fidelity
+
+        tf = torch.load(self._paths(ctx, spec)[1], weights_only=False)
+        present = [s for s in tf["seqs"] if s is not None]
+        compared = iter(fidelity.sequence_compare(ctx.loaded.model, present, tf["stats"]))
+        return [next(compared) if s is not None else None for s in tf["seqs"]]
+
+    def drafts(self, ctx, spec: TaskSpec, requests: list, records: list[dict | None]) -> list:
+        """``requests`` with drafts: the leading tokens of the baseline's answer that the teacher-forced
+        ``records`` found to be this model's own greedy choices."""
+        import dataclasses
+
+        import torch
+
+        seqs = torch.load(self._paths(ctx, spec)[1], weights_only=False)["seqs"]
+        out = []
+        for req, seq, rec in zip(requests, seqs, records):
+            if seq is not None and rec and rec.get("own_prefix") and seq[0][:seq[1]] == list(req.ids):
+                ids, start = seq
+                req = dataclasses.replace(req, draft=tuple(ids[start:start + rec["own_prefix"]]))
+            out.append(req)
+        return out
 
     def _items(self, ctx, spec: TaskSpec, prompts, gens) -> list[dict]:
         scored = score_items(spec, [g.text for g in gens], ctx.cfg.sandbox)
@@ -438,7 +473,7 @@ class GenerativeTask:
             log.info("computing the baseline's %s answers once (%d items): %s", self.name, len(spec.docs),
                      items_path.name)
             prompts = self._prompts(ctx, spec)
-            gens, _ = self._generate(ctx, spec, prompts, _baseline_key(items_path), ctx.siblings)
+            gens, _, _ = self._generate(ctx, spec, prompts, _baseline_key(items_path), ctx.siblings)
             items = self._items(ctx, spec, prompts, gens)
             seqs = self._sequences(ctx, spec, prompts, self._tf_texts(spec, items))
             present = [s for s in seqs if s is not None]
@@ -452,28 +487,21 @@ class GenerativeTask:
         ctx.cached(items_path, compute, save, requires=(tf_path,))
 
     def score(self, ctx) -> TaskResult:
-        import torch
-
-        from quanteval.evaluate import fidelity
-
         spec = self.spec(ctx)
         if ctx.cfg.judge and ctx.cfg.judge not in JUDGES:
             raise ValueError(f"judge={ctx.cfg.judge}: no such judge registered "
                              f"(quanteval.evaluate.generative.JUDGES has: {', '.join(JUDGES) or 'none'})")
-        items_path, tf_path = self._paths(ctx, spec)
+        items_path, _ = self._paths(ctx, spec)
         base_items = read_items(items_path)
-        generation = None
+        generation = records = None
         if not ctx.run.variant.is_baseline:  # quantised weights, or the KV cache alone
             prompts = self._prompts(ctx, spec)
-            gens, generation = self._generate(ctx, spec, prompts, ctx.run.key, ctx.siblings)
+            gens, generation, records = self._generate(ctx, spec, prompts, ctx.run.key, ctx.siblings)
             items = self._items(ctx, spec, prompts, gens)
         else:  # the baseline run: the cached answers are this model's answers
             items = [dict(it) for it in base_items]
-        tf = torch.load(tf_path, weights_only=False)
-        present = [s for s in tf["seqs"] if s is not None]
-        compared = iter(fidelity.sequence_compare(ctx.loaded.model, present, tf["stats"]))
-        for it, s in zip(items, tf["seqs"]):
-            it["tf"] = next(compared) if s is not None else None
+        for it, rec in zip(items, records if records is not None else self.teacher_forced(ctx, spec)):
+            it["tf"] = rec
         metrics = aggregate(spec, items)
         metrics.update(compare_with_baseline(spec, items, base_items))
         metrics.update(teacher_forced_summary(items))
@@ -532,11 +560,16 @@ def generate_together(ctx, first: tuple, siblings: list, baseline: bool = False)
         skey = _baseline_key(items_path) if baseline else sib.run.key
         members.append((stask, sib, sspec, sprompts, skey))
         total += len(sprompts)
-    requests, spans = [], []
+    requests, spans, records = [], [], []
     for t, c, sp, ps, _ in members:
         reqs = t._requests(c, sp, ps)
+        # a task scored on the baseline's answers: its teacher-forced pass first, its agreement as drafts
+        recs = t.teacher_forced(c, sp) if not baseline and t.drafts_from_baseline(c, sp) else None
+        if recs is not None:
+            reqs = t.drafts(c, sp, reqs, recs)
         spans.append((len(requests), len(requests) + len(reqs)))
         requests += reqs
+        records.append(recs)
     names = [m[0].name for m in members]
     if len(members) > 1:
         log.info("generating %d prompts of %d tasks in one batch: %s", len(requests), len(members), ", ".join(names))
@@ -551,8 +584,10 @@ def generate_together(ctx, first: tuple, siblings: list, baseline: bool = False)
         tokens = sum(g.n_tokens for g in gens[a:b])
         return {"batched_with": names, "prompts": len(requests), "generated_by": task.name,
                 "batch_s": round(seconds, 2), "batch_tokens": batch_tokens, "tokens": tokens,
-                "share_s": round(seconds * tokens / batch_tokens, 2)}
+                "share_s": round(seconds * tokens / batch_tokens, 2),
+                # tokens taken from drafts (the baseline's answer where this model agreed), and numerical ties
+                "drafted": sum(g.drafted for g in gens[a:b]), "draft_ties": sum(g.draft_ties for g in gens[a:b])}
 
-    for (t, c, sp, ps, k), (a, b) in zip(members[1:], spans[1:]):
-        c.session.put_generations(k, gens[a:b], info(a, b))
-    return gens[spans[0][0]:spans[0][1]], info(*spans[0])
+    for (t, c, sp, ps, k), (a, b), recs in zip(members[1:], spans[1:], records[1:]):
+        c.session.put_generations(k, gens[a:b], info(a, b), recs)
+    return gens[spans[0][0]:spans[0][1]], info(*spans[0]), records[0]
