@@ -91,8 +91,9 @@ def run_naive(variants: list[tuple[str, int]], tasks: list[str], batch_size: int
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from quanteval.calibration import calibration_file, calibration_ids, capture_inputs
-    from quanteval.config import GPTQConfig, AWQConfig, ModelConfig, PresetConfig, RTNConfig
+    from quanteval.calibration import calibration_token_ids, capture_inputs
+    from quanteval.config import AWQConfig, GPTQConfig, ModelConfig, PresetConfig, RTNConfig, RunConfig, WikiText2Config
+    from quanteval.variant import Run
     from quanteval.data import resolve_data_dir
     from quanteval.evaluate.generative import lmeval_name
     from quanteval.methods import METHODS, QuantSpec, apply_result
@@ -106,7 +107,7 @@ def run_naive(variants: list[tuple[str, int]], tasks: list[str], batch_size: int
     root = resolve_data_dir(None)
     tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata={"data_dir": str(root)})
     method_cfgs = {"rtn": RTNConfig(), "gptq": GPTQConfig(), "awq": AWQConfig()}
-    p = PresetConfig()
+    p = PresetConfig(calib_samples=preset.get("calib_samples", 32), calib_seq_len=preset.get("calib_seq_len", 512))
     phases, scores = defaultdict(float), {}
     t_all = time.perf_counter()
     for m, b in variants:
@@ -118,11 +119,11 @@ def run_naive(variants: list[tuple[str, int]], tasks: list[str], batch_size: int
             t0 = time.perf_counter()
             model, adapter = loaded.model, adapter_for(loaded.model)
             calib = None
-            if METHODS[m].needs_calibration:
-                ids = calibration_ids(loaded.tokenizer, calibration_file("wikitext2", None, root),
-                                      preset.get("calib_samples", p.calib_samples),
-                                      preset.get("calib_seq_len", p.calib_seq_len), 0)
-                calib = capture_inputs(model, adapter, ids, 8)
+            if METHODS[m].needs_calibration:  # the sweep's own calibration set (the default mix), same sizes
+                c = Run.of(RunConfig(model=ModelConfig(), method=method_cfgs[m], task=WikiText2Config(),
+                                     preset=p, bits=b)).variant.calibration
+                ids = calibration_token_ids(c, loaded.tokenizer, root, ModelConfig().prompt_format)
+                calib = capture_inputs(model, adapter, ids, c.batch_size)
             torch.manual_seed(0)
             apply_result(model, METHODS[m].compute(model, adapter, QuantSpec(b, 64, False), method_cfgs[m], calib))
             phases["quantize_s"] += time.perf_counter() - t0

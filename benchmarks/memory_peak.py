@@ -49,13 +49,17 @@ def main() -> None:
     from tqdm.auto import tqdm
 
     stage = _Stage()
-    logging.getLogger().addHandler(stage)
+    logging.getLogger("quanteval").addHandler(stage)  # not the root logger's: Hydra replaces those
     readings, stop = [], threading.Event()
     t0 = time.perf_counter()
 
     def bar() -> str:
-        bars = [b for b in list(getattr(tqdm, "_instances", ())) if not getattr(b, "disable", False)]
-        return bars[-1].desc if bars else ""
+        try:  # tqdm's live bars: a weak set that other threads change
+            bars = [b for b in list(getattr(tqdm, "_instances", ())) if not getattr(b, "disable", False)]
+        except RuntimeError:
+            return ""
+        inner = [b for b in bars if not (b.desc or "").startswith("sweep")]  # the phase, not the sweep's bar
+        return (inner or bars or [None])[-1].desc if bars else ""
 
     def sample():
         while not stop.wait(a.every):
