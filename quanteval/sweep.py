@@ -174,9 +174,10 @@ def run_job(cfg: RunConfig, session: Session) -> dict:
     The OS releases the lock when its holder dies (``kill -9`` included), so a killed job's lock is
     never stale; its half-written files are temporary files that nothing reads.
     """
-    from quanteval import threads
+    from quanteval import allocator, threads
 
     threads.configure()  # this process's share of the cores, now (parallel local jobs share them)
+    allocator.configure()  # large freed blocks go back to the system (the peak RSS of generation batches)
     run = Run.of(cfg)
     gate = gate_run(run, task_for(cfg.task))
     if gate is not None and not results.completed(gate.path):
