@@ -8,15 +8,24 @@ fragments. The threshold starts at 128 kB but rises, by default, to the size of 
 is freed (up to 32 MB): after the first large KV buffer is freed, every tensor up to that size lives in
 the heap, and the heap stays as large as the batch's worst moment, into the next job's reload of weights.
 
-``configure`` fixes the threshold at 1 MB (``mallopt(M_MMAP_THRESHOLD)``, which also stops it rising).
-Measured with ``benchmarks/memory_peak.py`` on ``method=none,rtn bits=8`` (the default preset, this 2-core
-machine, 2026-12-06): peak RSS (``VmHWM``) 3,381 MB with glibc's default, 2,668 MB with a 1 MB
-threshold, 2,656 MB with 128 kB (so 1 MB, which maps fewer small blocks, is enough); the sweep was no
-slower (4 min 18 s and 4 min 36 s against 7 min 47 s on a busier machine: not a benchmark).
+``QUANTEVAL_MMAP_THRESHOLD=<bytes>`` fixes the threshold (``mallopt(M_MMAP_THRESHOLD)``, which also stops
+it rising) in every job; unset or ``0`` leaves glibc's default. It is a trade of time for memory, so it is
+off by default. Measured on this 2-core machine (2026-12-06):
+
+- ``benchmarks/memory_peak.py`` on ``method=none,rtn bits=8`` (the default preset): peak RSS (``VmHWM``)
+  3,381 MB with glibc's default, 2,668 MB at 1 MB, 2,656 MB at 128 kB;
+- ``benchmarks/allocator.py`` (separate processes, alternating, idle machine): RTN w8's seven tasks
+  peaked at 2,899 and 3,169 MB with glibc's default, 2,604 MB at 1 MB, 2,926 MB at 8 MB; but its
+  generation batch took 55.3 and 58.2 s against 65.7 s (1 MB) and 62.0 s (8 MB), and GPTQ w4's
+  quantisation 70.3 and 72.1 s against 87.0 s (1 MB) and 83.7 s (8 MB): the page faults of freshly
+  mapped blocks. Answers and KL were identical under every setting.
+
+A user short of memory sets ``QUANTEVAL_MMAP_THRESHOLD=1048576`` (about 0.3–0.5 GB less at the peak, about
+20% slower). A user's own ``MALLOC_MMAP_THRESHOLD_`` (glibc's environment variable) is left alone, and
+other C libraries (musl, macOS) are left as they are.
 
 Written here because neither torch (its CPU allocator is ``malloc``'s) nor Python sets it; the setting is
-one ``mallopt`` call through ``ctypes``. A user's own ``MALLOC_MMAP_THRESHOLD_`` (glibc's environment
-variable) is left alone, and other C libraries (musl, macOS) are left as they are.
+one ``mallopt`` call through ``ctypes``.
 """
 
 from __future__ import annotations
@@ -29,18 +38,38 @@ import os
 log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # glibc's malloc.h
-MMAP_THRESHOLD = 1 << 20  # bytes: blocks at least this large are mmapped and returned on free
-ENV = "MALLOC_MMAP_THRESHOLD_"
+SUGGESTED = 1 << 20  # bytes: the threshold that saves the most memory here (the docstring's figures)
+ENV = "MALLOC_MMAP_THRESHOLD_"  # glibc's own
+SETTING = "QUANTEVAL_MMAP_THRESHOLD"  # quanteval's: bytes, 0 = glibc's default
 
 _DONE: dict = {}  # once per process: {"threshold": bytes or None}
 
 
-def configure(threshold: int = MMAP_THRESHOLD) -> int | None:
-    """Fix glibc's mmap threshold at ``threshold`` bytes, once per process; returns the threshold set,
-    or None where it was left alone (the user set ``MALLOC_MMAP_THRESHOLD_``; not glibc)."""
+def threshold_from(env=os.environ) -> int:
+    """The threshold to set: ``QUANTEVAL_MMAP_THRESHOLD`` (bytes), 0 (glibc's default) when unset; ValueError
+    naming the variable when it is not a whole number of bytes."""
+    raw = env.get(SETTING)
+    if raw is None or raw.strip() == "":
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0 or value > 2**31 - 1:
+        raise ValueError(f"{SETTING}={raw!r}: must be a number of bytes from 0 (glibc's default) to 2147483647")
+    return value
+
+
+def configure(threshold: int | None = None) -> int | None:
+    """Fix glibc's mmap threshold at ``threshold`` bytes (default: ``threshold_from()``), once per process;
+    returns the threshold set, or None where the allocator was left alone (a threshold of 0; the user set
+    ``MALLOC_MMAP_THRESHOLD_``; not glibc)."""
     if "threshold" in _DONE:
         return _DONE["threshold"]
     _DONE["threshold"] = None
+    threshold = threshold_from() if threshold is None else threshold
+    if threshold == 0:
+        return None
     if os.environ.get(ENV):
         log.debug("%s=%s is set: the allocator is left as the user chose", ENV, os.environ[ENV])
         return None

@@ -106,11 +106,13 @@ LAUNCHER_PLUGINS = {  # hydra/launcher=<name>: (plugin module, pip extra)
 
 
 def _check_threads() -> None:
-    """A bad QUANTEVAL_THREADS / SLURM_CPUS_PER_TASK: one line, before any job starts."""
+    """A bad QUANTEVAL_THREADS / SLURM_CPUS_PER_TASK / QUANTEVAL_MMAP_THRESHOLD: one line, before any job."""
+    from quanteval.allocator import threshold_from
     from quanteval.threads import job_threads
 
     try:
         job_threads()
+        threshold_from()
     except ValueError as e:
         raise UsageError(str(e)) from None
 

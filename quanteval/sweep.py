@@ -177,7 +177,7 @@ def run_job(cfg: RunConfig, session: Session) -> dict:
     from quanteval import allocator, threads
 
     threads.configure()  # this process's share of the cores, now (parallel local jobs share them)
-    allocator.configure()  # large freed blocks go back to the system (the peak RSS of generation batches)
+    allocator.configure()  # QUANTEVAL_MMAP_THRESHOLD: large freed blocks go back to the system (less memory, slower)
     run = Run.of(cfg)
     gate = gate_run(run, task_for(cfg.task))
     if gate is not None and not results.completed(gate.path):

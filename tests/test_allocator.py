@@ -1,4 +1,5 @@
-"""The allocator's setting (quanteval.allocator): freed large blocks go back to the system."""
+"""The allocator's setting (quanteval.allocator): with QUANTEVAL_MMAP_THRESHOLD, freed large blocks go back
+to the system."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ PROBE = r"""
 import ctypes, sys
 sys.path.insert(0, sys.argv[2])
 from quanteval import allocator
-if sys.argv[1] == "configure":
-    assert allocator.configure() == allocator.MMAP_THRESHOLD
+if sys.argv[1] == "configure":  # QUANTEVAL_MMAP_THRESHOLD=1048576
+    assert allocator.configure(allocator.threshold_from({allocator.SETTING: "1048576"})) == 1 << 20
+elif sys.argv[1] == "off":  # unset: glibc's default
+    assert allocator.configure(allocator.threshold_from({})) is None
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = [ctypes.c_size_t]
@@ -50,11 +53,33 @@ def _kept_mb(mode: str) -> int:
 @pytest.mark.skipif(allocator._glibc() is None, reason="not glibc: configure() leaves the allocator alone")
 def test_freed_blocks_go_back_to_the_system_only_with_the_threshold_fixed():
     assert _kept_mb("default") >= 150  # glibc's default keeps the 200 MB freed
+    assert _kept_mb("off") >= 150
     assert _kept_mb("configure") <= 30  # the 10 MB of small blocks stay
+
+
+def test_the_setting_and_a_bad_value_in_one_line(monkeypatch):
+    assert allocator.threshold_from({}) == 0  # off unless asked for: it trades time for memory
+    assert allocator.threshold_from({allocator.SETTING: str(allocator.SUGGESTED)}) == 1 << 20
+    assert allocator.threshold_from({allocator.SETTING: "65536"}) == 65536
+    assert allocator.threshold_from({allocator.SETTING: "0"}) == 0
+    for bad in ("1MB", "-1", str(2**31)):
+        with pytest.raises(ValueError, match=f"QUANTEVAL_MMAP_THRESHOLD='{bad}': must be a number of bytes"):
+            allocator.threshold_from({allocator.SETTING: bad})
 
 
 def test_the_users_own_setting_is_left_alone(monkeypatch):
     monkeypatch.setattr(allocator, "_DONE", {})
     monkeypatch.setenv(allocator.ENV, "65536")
+    monkeypatch.setenv(allocator.SETTING, "1048576")
     assert allocator.configure() is None
     assert allocator.configure() is None  # once per process
+
+
+def test_bad_threshold_fails_before_any_work(tmp_path):
+    from conftest import run_cli
+
+    proc = run_cli("preset=smoke", f"results_dir={tmp_path}", env={allocator.SETTING: "1MB"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "quanteval: error: QUANTEVAL_MMAP_THRESHOLD='1MB': must be a number of bytes from 0 (glibc's default) to 2147483647")
+    assert not (tmp_path / "default").exists()
