@@ -230,6 +230,9 @@ class RunRecord:
     compression: Compression = field(default_factory=Compression)
     quantization: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)  # step -> seconds
+    # a generative run's share of its generation batch: {"batched_with", "prompts", "batch_s", "tokens",
+    # "share_s", "drafted" (tokens taken from the baseline's answer), "draft_ties", ...}
+    generation: dict = field(default_factory=dict)
     peak_memory_mb: Optional[float] = None
     memory: dict = field(default_factory=dict)  # {"runtime", "resident_bytes"}
     # the packed KV cache (quanteval.kvsize): {"bits", "group_size", "key_elements_per_token",
@@ -249,8 +252,8 @@ class RunRecord:
         """A record from a run file's dict; ValueError naming the section when one has the wrong shape."""
         if not isinstance(d, dict) or d.get("run_key") is None or d.get("status") is None:
             raise ValueError("not a quanteval run record (no run_key/status)")
-        for name in ("metrics", "per_window", "breakdown", "quantization", "timings", "memory", "versions",
-                     "settings", "config"):
+        for name in ("metrics", "per_window", "breakdown", "quantization", "timings", "generation", "memory",
+                     "versions", "settings", "config"):
             if d.get(name) is not None and not isinstance(d[name], dict):
                 raise ValueError(f"{name}: must be a mapping, not {type(d[name]).__name__}")
         rec = _section(cls, d, "record")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -355,8 +356,15 @@ def test_drafts_from_the_baselines_answers_change_no_answer(tiny_model, tiny_dat
         ties = with_draft["generation"]["draft_ties"]
         assert [it["output"] for it in a] == [it["output"] for it in b] or ties, task
         assert with_draft["metrics"]["primary"] == without["metrics"]["primary"] or ties
-        assert without["generation"]["drafted"] == 0
+        assert without["generation"]["drafted"] == without["generation"]["draft_offered"] == 0
+        assert with_draft["generation"]["draft_offered"] >= with_draft["generation"]["drafted"]
         drafted += with_draft["generation"]["drafted"]
         # the drafted tokens are those the teacher-forced pass found to be the variant's own choices
         assert with_draft["generation"]["drafted"] <= sum(it["tf"]["own_prefix"] for it in a if it["tf"])
     assert drafted > 0
+    # the report's runs table gives each variant's drafted share; plain decoding's rows leave it empty
+    for draft, shown in (("true", True), ("false", False)):
+        page = (runs[draft].parent / "report" / "index.html").read_text()
+        row = next(r for r in re.findall(r"<tr><td>ifeval</td>.*?</tr>", page) if "rtn w8" in r)
+        cells = re.findall(r"<td>(.*?)</td>", row)
+        assert bool(re.fullmatch(r"\d+%( \(\d+ ties\))?", cells[7])) == shown, cells

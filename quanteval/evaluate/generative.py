@@ -586,6 +586,7 @@ def generate_together(ctx, first: tuple, siblings: list, baseline: bool = False)
                 "batch_s": round(seconds, 2), "batch_tokens": batch_tokens, "tokens": tokens,
                 "share_s": round(seconds * tokens / batch_tokens, 2),
                 # tokens taken from drafts (the baseline's answer where this model agreed), and numerical ties
+                "draft_offered": sum(len(r.draft) for r in requests[a:b]),
                 "drafted": sum(g.drafted for g in gens[a:b]), "draft_ties": sum(g.draft_ties for g in gens[a:b])}
 
     for (t, c, sp, ps, k), (a, b), recs in zip(members[1:], spans[1:], records[1:]):

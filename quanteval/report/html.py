@@ -277,11 +277,23 @@ def _runs_table(runs: list[RunData]) -> str:
             f"<td>{esc(str(rec.variant.label))}</td>"
             f"<td>{_fmt(rec.compression.effective_bits, '{:.3f}')}</td>"
             f"<td>{_fmt(key, '{:.4g}')}</td><td>{_fmt(m.get('kl_mean', m.get('tf_kl_mean')), '{:.4g}')}</td>"
-            f"<td>{_fmt(m.get('flip_rate'), '{:.3f}')}</td><td>{status}</td>"
+            f"<td>{_fmt(m.get('flip_rate'), '{:.3f}')}</td><td>{_drafted(rec.generation)}</td><td>{status}</td>"
             f"<td><code>{esc(str(rec.run_key)[:12])}</code></td></tr>")
     return ("<table class=runs><thead><tr><th>task</th><th>model</th><th>variant</th><th>effective bits</th>"
-            "<th>score / ppl</th><th>KL (fidelity or teacher-forced)</th><th>flip rate</th><th>status</th>"
+            "<th>score / ppl</th><th>KL (fidelity or teacher-forced)</th><th>flip rate</th>"
+            "<th title='share of the generated tokens taken from the baseline&#39;s answer, where this variant "
+            "agreed with it (verified, not decoded one by one)'>drafted</th><th>status</th>"
             f"<th>run key</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def _drafted(gen: dict) -> str:
+    """'44%' of a run's generated tokens taken from drafts (the baseline's answer), with its ties; '' when
+    none were offered (the baseline, tasks not scored on the baseline's answers, older run files)."""
+    tokens, drafted = gen.get("tokens"), gen.get("drafted")
+    if not tokens or drafted is None or not gen.get("draft_offered", drafted):
+        return ""
+    ties = gen.get("draft_ties") or 0
+    return f"{drafted / tokens:.0%}" + (f" ({ties} ties)" if ties else "")
 
 
 STYLE = """
