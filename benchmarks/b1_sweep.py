@@ -138,21 +138,28 @@ def run_naive(variants: list[tuple[str, int]], tasks: list[str], batch_size: int
             phases["eval_s"] += time.perf_counter() - t0
             phases[f"eval_{task}_s"] += time.perf_counter() - t0
             res = out["results"][lmeval_name(task)]
-            metric = _metric(task, res)
-            scores[(label, task)] = ("ok", float(res[f"{metric},none"]), metric)
+            key = _metric(task, res)
+            scores[(label, task)] = ("ok", float(res[key]), key.removesuffix(",none"))
         del lm, loaded
     return {"wall_s": time.perf_counter() - t_all, "phases_s": dict(phases), "scores": scores}
 
 
 def _metric(task: str, res: dict) -> str:
-    """The metric both pipelines report: the task's primary when lm-eval computes it, else lm-eval's first
-    (mt_bench's primary, ROUGE-L against the baseline's answers, is quanteval's own; lm-eval gives words)."""
+    """The key of lm-eval's result that both pipelines report: the task's primary when lm-eval computes it
+    (``metric,filter``, the filter ``none`` unless the primary names one, as GSM8K's
+    ``exact_match,flexible-extract`` does), else lm-eval's first (mt_bench's primary, ROUGE-L against the
+    baseline's answers, is quanteval's own; lm-eval gives words). quanteval's run files name a metric
+    without its ``,none``."""
     from quanteval_tasks import task_table
 
     primary = task_table()[task].primary
-    if f"{primary},none" in res:
-        return primary
-    return next(k.split(",")[0] for k in res if k.endswith(",none") and "_stderr" not in k)
+    for key in (primary, f"{primary},none"):
+        if "," in key and key in res:
+            return key
+    keys = [k for k in res if "," in k and "_stderr" not in k and isinstance(res[k], (int, float))]
+    if not keys:
+        raise KeyError(f"{task}: lm-eval's result has no metric: {sorted(res)}")
+    return next((k for k in keys if k.endswith(",none")), keys[0])
 
 
 def main(argv=None) -> dict:
@@ -163,6 +170,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=Path("results/bench/b1"))
     ap.add_argument("--default-grid", action="store_true",
                     help=f"the README's main command against the naive pipeline on {DEFAULT_VARIANTS} x {DEFAULT_TASKS}")
+    ap.add_argument("--naive-only", action="store_true",
+                    help="keep the quanteval side already in --out (quanteval.json, its results) and run the naive side")
     args = ap.parse_args(argv)
     if args.default_grid:
         args.variants, args.tasks = DEFAULT_VARIANTS, DEFAULT_TASKS
@@ -172,10 +181,14 @@ def main(argv=None) -> dict:
         raise SystemExit("--tasks: arith_chain's limit counts items per k; lm-eval's counts docs: not comparable")
     args.out.mkdir(parents=True, exist_ok=True)
     qe_dir = (args.out / "quanteval").resolve()
-    shutil.rmtree(qe_dir, ignore_errors=True)  # fresh caches: the baseline and quantisations are computed here
-    ours = run_quanteval(qe_dir, variants, tasks, args.default_grid)
-    (args.out / "quanteval.json").write_text(json.dumps({**ours, "scores": {" | ".join(k): v for k, v in
-                                                                         ours["scores"].items()}}, indent=1))
+    if args.naive_only:
+        ours = json.loads((args.out / "quanteval.json").read_text())
+        ours["scores"] = {tuple(k.split(" | ")): tuple(v) for k, v in ours["scores"].items()}
+    else:
+        shutil.rmtree(qe_dir, ignore_errors=True)  # fresh caches: the baseline and quantisations are computed here
+        ours = run_quanteval(qe_dir, variants, tasks, args.default_grid)
+        (args.out / "quanteval.json").write_text(json.dumps({**ours, "scores": {" | ".join(k): v for k, v in
+                                                                             ours["scores"].items()}}, indent=1))
     naive = run_naive(variants, tasks, args.naive_batch_size)
     rows, same = [], 0
     for key, (status, score, metric) in naive["scores"].items():
