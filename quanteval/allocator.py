@@ -20,9 +20,9 @@ off by default. Measured on this 2-core machine (2026-12-06):
   quantisation 70.3 and 72.1 s against 87.0 s (1 MB) and 83.7 s (8 MB): the page faults of freshly
   mapped blocks. Answers and KL were identical under every setting.
 
-A user short of memory sets ``QUANTEVAL_MMAP_THRESHOLD=1048576`` (about 0.3–0.5 GB less at the peak, about
-20% slower). A user's own ``MALLOC_MMAP_THRESHOLD_`` (glibc's environment variable) is left alone, and
-other C libraries (musl, macOS) are left as they are.
+A user short of memory sets ``QUANTEVAL_MMAP_THRESHOLD=1048576``: 0.3–0.7 GB less at the peak in the
+figures above, about 20% slower. A user's own ``MALLOC_MMAP_THRESHOLD_`` (glibc's environment variable) is
+left alone, and other C libraries (musl, macOS) are left as they are.
 
 Written here because neither torch (its CPU allocator is ``malloc``'s) nor Python sets it; the setting is
 one ``mallopt`` call through ``ctypes``.

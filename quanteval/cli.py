@@ -105,8 +105,8 @@ LAUNCHER_PLUGINS = {  # hydra/launcher=<name>: (plugin module, pip extra)
 }
 
 
-def _check_threads() -> None:
-    """A bad QUANTEVAL_THREADS / SLURM_CPUS_PER_TASK / QUANTEVAL_MMAP_THRESHOLD: one line, before any job."""
+def _check_environment() -> None:
+    """A bad QUANTEVAL_THREADS, SLURM_CPUS_PER_TASK or QUANTEVAL_MMAP_THRESHOLD: one line, before any job."""
     from quanteval.allocator import threshold_from
     from quanteval.threads import job_threads
 
@@ -532,7 +532,7 @@ def main() -> None:
             if plan and plan[-1].split("=", 1)[1].lower() not in ("true", "false"):
                 raise UsageError(f"{plan[-1]}: plan must be true or false")
             _check_group_values(args)
-            _check_threads()
+            _check_environment()
             if not plan:
                 _check_launcher(args)
             jobs, cfgs, n_run, results_dir = expand_grid(args)
