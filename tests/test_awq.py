@@ -121,8 +121,9 @@ def test_scale_search_not_worse_than_rtn():
     assert awq.info["block_mse"][0] <= rtn.info["block_mse"][0]
 
 
-def test_result_reproduces_the_blocks_awq_quantised(tmp_path):
-    cfg = AWQConfig(n_grid=5, clip_grid=10)
+@pytest.mark.parametrize("search_tokens", [1024, 64])  # 64: the first of two chunks; awq_model carries only it
+def test_result_reproduces_the_blocks_awq_quantised(tmp_path, search_tokens):
+    cfg = AWQConfig(n_grid=5, clip_grid=10, search_tokens=search_tokens)
     spec = QuantSpec(bits=4, group_size=32, sym=False)
     model = tiny()
     original = copy.deepcopy(model)
@@ -130,8 +131,9 @@ def test_result_reproduces_the_blocks_awq_quantised(tmp_path):
     result = awq_model(model, adapter, spec, cfg, calib)
     assert same_state(model, original)  # compute, then apply: the model is untouched
 
-    in_place = copy.deepcopy(original)  # the same loop, quantising the blocks in place
+    in_place = copy.deepcopy(original)  # the same loop, quantising the blocks in place, carrying every chunk
     hidden = calib.hidden
+    assert len(hidden) == 2 and result.info["search_tokens"] == min(search_tokens, calib.n_tokens)
     for i, block in enumerate(in_place.get_submodule(adapter.blocks)):
         found = awq_block(block, adapter, spec, cfg, search_subset(hidden, calib.kwargs[i], cfg.search_tokens))
         hidden = block_forward(block, hidden, calib.kwargs[i])

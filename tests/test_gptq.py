@@ -150,6 +150,32 @@ def test_matches_reference_transcription(layer_data, group_size, act_order, stat
     torch.testing.assert_close(lq.dequantize(), q_ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("in_features", [300, 576])  # H's upper triangle in 2 and 3 column bands
+def test_banded_hessian_is_the_full_product(in_features):
+    x = correlated_inputs(1024, in_features, seed=1)
+    g = GPTQ(in_features)
+    for chunk in x.split(300):  # uneven batches: the running average rescales the stale lower triangle too
+        g.add_batch(chunk)
+    assert torch.equal(g.H, g.H.T)
+    torch.testing.assert_close(g.H, 2 * x.T @ x / 1024, rtol=1e-5, atol=1e-4)
+    g.add_batch(x[:7])  # reading H mirrored it; later batches still land in the upper blocks
+    torch.testing.assert_close(g.H, 2 * torch.cat([x, x[:7]]).T @ torch.cat([x, x[:7]]) / 1031, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("act_order,static_groups", [(True, True), (False, False)])
+def test_matches_reference_transcription_wide_layer(act_order, static_groups):
+    """A 3-band Hessian and 3 lazy blocks of 128 of a 192 x 384 layer, bit for bit (the transposed column loop)."""
+    torch.manual_seed(1)
+    w = torch.randn(192, 384) * 0.02
+    g = GPTQ(384)
+    for chunk in correlated_inputs(2048, 384, seed=2).split(512):
+        g.add_batch(chunk)
+    lq, _ = g.quantize(w, 4, 64, False, act_order=act_order, static_groups=static_groups)
+    q_ref = reference_fasterquant(w, g.H, 4, 64, False, 128, 0.01, act_order, static_groups)
+    torch.testing.assert_close(lq.dequantize(), q_ref, rtol=0, atol=0)
+    assert lq.scales.is_contiguous() and lq.zeros.is_contiguous()
+
+
 @pytest.mark.parametrize("static_groups", [False, True])
 def test_act_order(layer_data, static_groups):
     w, x = layer_data

@@ -30,7 +30,10 @@ Token budget: both searches use the first ``search_tokens`` calibration
 tokens (``AWQConfig.search_tokens``), taken as whole sequences (at least one) from the
 captured chunks; the clipping search subsamples those with a stride down to
 about ``CLIP_TOKENS = 512`` tokens (the reference's ``n_sample_token``). The
-reference runs its searches over its whole calibration set instead.
+reference runs its searches over its whole calibration set instead. Only the
+captured chunks that hold those sequences are carried from block to block
+(at the default budget, one chunk of 8 of the 32 sequences): the others would
+never reach a search, and carrying them was most of AWQ's forward time.
 
 Per-layer bits (method=mixed): a linear is searched, clipped and quantised at
 ``QuantSpec.bits_for`` its name, so a scale group (one unit of the mix) is
@@ -405,15 +408,19 @@ def awq_model(model, adapter, spec: QuantSpec, method_cfg: AWQConfig, calib: Blo
     info: dict = {"alphas": {}, "losses": {}, "skipped": [], "block_mse": [],
                   "search_tokens_budget": method_cfg.search_tokens}
     timings: dict[str, float] = defaultdict(float)
-    hidden = calib.hidden
-    info["search_tokens"] = sum(h.shape[0] * h.shape[1] for h, _ in search_subset(hidden, {}, method_cfg.search_tokens))
+    used = search_subset(calib.hidden, {}, method_cfg.search_tokens)
+    info["search_tokens"] = sum(h.shape[0] * h.shape[1] for h, _ in used)
+    # Only the chunks the searches read are carried to the next block (whole, so each chunk's forward is the
+    # same computation as it would be among all of them): the rest of the calibration set never reaches a search.
+    hidden = calib.hidden[: len(used)]
     for i in tqdm(range(len(blocks)), desc="AWQ blocks", leave=False):
         prefix = f"{adapter.blocks}.{i}."
         work = copy.deepcopy(blocks[i])
         inputs = search_subset(hidden, calib.kwargs[i], method_cfg.search_tokens)
         found = awq_block(work, adapter, block_spec(spec, prefix), method_cfg, inputs)
         t0 = time.perf_counter()
-        hidden = block_forward(work, hidden, calib.kwargs[i])  # later blocks see the quantised outputs
+        if i + 1 < len(blocks):
+            hidden = block_forward(work, hidden, calib.kwargs[i])  # later blocks see the quantised outputs
         timings["forward"] += time.perf_counter() - t0
         del work
         layers.update({prefix + name: lq for name, lq in found.layers.items()})
