@@ -32,6 +32,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--hflm-batch-size", type=int, default=0,
                     help="HFLM's batch size (0: the same as quanteval's; 1 is lm-eval's default)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model-dir", type=Path, default=None,
+                    help="a local transformers model directory instead of the embedded SmolLM2 (the GPU session's "
+                         "random-initialised one: benchmarks/gpu_kit.py)")
     ap.add_argument("--out", type=Path, default=Path("results/bench/b2"))
     args = ap.parse_args(argv)
 
@@ -48,7 +51,9 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(args.threads)
     device = resolve_device("auto")
-    loaded = load_model(ModelConfig(), device, torch.float32)
+    cfg = ModelConfig() if args.model_dir is None else ModelConfig(name=args.model_dir.name, source="hf",
+                                                                   name_or_path=str(args.model_dir))
+    loaded = load_model(cfg, device, torch.float32)
     tok = loaded.tokenizer
     spec = load_spec("gsm8k", resolve_data_dir(None), args.n + 2, args.max_gen_toks, {})
     prompts = [prompt_for(spec, tok, d, "chat", "smollm2")[0] for d in spec.docs]
@@ -81,7 +86,8 @@ def main(argv=None) -> dict:
     same = sum(g.text == t for g, t in zip(gens, texts))
     gaps = [divergence_gap(loaded.model, tok, p, g, t) for p, g, t in zip(prompts, gens, texts) if g.text != t]
     out = {
-        "device": str(device), "threads": args.threads, "n_prompts": len(prompts), "batch_size": args.batch_size, "hflm_batch_size": hflm_bs,
+        "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "model": cfg.name, "threads": args.threads, "n_prompts": len(prompts), "batch_size": args.batch_size, "hflm_batch_size": hflm_bs,
         "max_gen_toks": args.max_gen_toks, "tokens": n_tokens,
         "quanteval_s": round(t_ours, 2), "hflm_s": round(t_hflm, 2),
         "quanteval_tok_s": round(n_tokens / t_ours, 2), "hflm_tok_s": round(n_tokens / t_hflm, 2),
@@ -112,7 +118,7 @@ def divergence_gap(model, tok, prompt: str, gen, other: str) -> float:
         j += 1
     ids = tok(prompt, add_special_tokens=False)["input_ids"] + gen.tokens[:j]
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids]), logits_to_keep=1).logits[0, -1].float()
+        logits = model(input_ids=torch.tensor([ids], device=model.device), logits_to_keep=1).logits[0, -1].float()
     top2 = logits.topk(2).values
     return round(float(top2[0] - top2[1]), 6)
 
