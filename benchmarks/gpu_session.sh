@@ -3,6 +3,7 @@
 # .gpu-kit/ here). Through the device tool:  command "bash benchmarks/gpu_session.sh", carry [".gpu-kit"],
 # timeout_s 600. Each step has its own time limit and writes its log under $OUT as it goes, so a step that
 # fails or runs out of time costs only itself; $OUT/summary.txt lists each step's exit status and seconds.
+# Worst case, every step at its limit: about 560 s with the wheels' install, inside the tool's 600 s.
 # With QUANTEVAL_REHEARSAL=1 (gpu_kit.py prepare --rehearse) it runs here on the CPU, at toy sizes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +34,9 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
   'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" \
   | tee -a "$OUT/summary.txt"
 MODEL=/tmp/smollm2-random
-step model 120 python3 benchmarks/gpu_kit.py model --kit "$KIT" --out "$MODEL" || exit 1
+# (its output goes to summary.txt: at most 8 files come back from $OUT, and the steps below write 7)
+timeout 120 python3 benchmarks/gpu_kit.py model --kit "$KIT" --out "$MODEL" 2>&1 | tail -n 2 | tee -a "$OUT/summary.txt"
+[ -f "$MODEL/config.json" ] || { echo "model: not made" | tee -a "$OUT/summary.txt"; exit 1; }
 
 QUANTEVAL=(python3 -c "import sys; sys.argv[0] = 'quanteval'; from quanteval.cli import main; main()")
 SWEEP=(model=hf model.name=smollm2_random model.name_or_path="$MODEL" task=wikitext2,gsm8k method=none,rtn,gptq,awq
@@ -51,9 +54,9 @@ else
   # a device=cuda sweep: bf16 (dtype=auto on cuda), RTN/GPTQ/AWQ quantised on the GPU, generation, report
   step sweep 170 "${QUANTEVAL[@]}" "${SWEEP[@]}" device=cuda
   # P4: the kernel's bandwidth and speedup over fp16 at 4/3/2 bits; methods on cuda against the CPU
-  step kernels 150 python3 benchmarks/gpu_kernels.py --no-config-sweep --out "$OUT/gpu-kernels.json"
+  step kernels 130 python3 benchmarks/gpu_kernels.py --no-config-sweep --out "$OUT/gpu-kernels.json"
   # B2 on the GPU: the engine against HFLM at batch 32 (random weights: answers run to the cap)
-  step b2 120 python3 benchmarks/b2_generation.py --model-dir "$MODEL" --threads 16 --out "$OUT"
+  step b2 100 python3 benchmarks/b2_generation.py --model-dir "$MODEL" --threads 16 --out "$OUT"
 fi
 # the sweep's run records and report, as one file (files back from $OUT: at most 8)
 tar -czf "$OUT/gpu-sweep.tar.gz" -C /tmp gpu-sweep 2>/dev/null
