@@ -172,6 +172,8 @@ class GPTQ:
         self.name = name  # full module path, used in errors and logs
         self._h: torch.Tensor | None = None  # (in, in) float32, allocated on the first batch's device
         self._lower_stale = False  # add_batch updates the blocks on and above the diagonal only
+        bands = max(1, min(HESSIAN_BANDS, in_features // 128))
+        self._edges = [in_features * k // bands for k in range(bands + 1)]  # the column bands of H
         self.n_tokens = 0
 
     @property
@@ -206,12 +208,9 @@ class GPTQ:
         total = self.n_tokens + n_new
         self._h.mul_(self.n_tokens / total)
         x = x * (2 / total) ** 0.5
-        d = self.in_features
-        bands = max(1, min(HESSIAN_BANDS, d // 128))
-        edges = [d * k // bands for k in range(bands + 1)]
-        for a, b in zip(edges, edges[1:]):
+        for a, b in zip(self._edges, self._edges[1:]):
             self._h[a:b, a:].addmm_(x[:, a:b].T, x[:, a:])  # (b - a, in - a): the band's upper blocks
-        self._lower_stale = bands > 1
+        self._lower_stale = len(self._edges) > 2
         self.n_tokens = total
 
     @torch.no_grad()
