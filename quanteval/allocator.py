@@ -24,6 +24,10 @@ A user short of memory sets ``QUANTEVAL_MMAP_THRESHOLD=1048576``: 0.3–0.7 GB l
 figures above, about 20% slower. A user's own ``MALLOC_MMAP_THRESHOLD_`` (glibc's environment variable) is
 left alone, and other C libraries (musl, macOS) are left as they are.
 
+Between phases of a sweep (after a run, before a generation batch) ``trim()`` hands the heap's free pages
+back to the system (``malloc_trim(0)``): what one phase freed then no longer sits in the next one's
+resident memory. That costs no time in the phases themselves, and is always on.
+
 Written here because neither torch (its CPU allocator is ``malloc``'s) nor Python sets it; the setting is
 one ``mallopt`` call through ``ctypes``.
 """
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 
@@ -83,6 +88,16 @@ def configure(threshold: int | None = None) -> int | None:
     return _DONE["threshold"]
 
 
+def trim() -> bool:
+    """Return the heap's free memory to the system (glibc's ``malloc_trim(0)``: whole free pages anywhere in
+    the heap, not only at its top); True if some was returned. A no-op (False) off glibc."""
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "malloc_trim"):
+        return False
+    return bool(libc.malloc_trim(0))
+
+
+@functools.cache
 def _glibc():
     """The process's C library when it is glibc (it has ``mallopt`` and ``gnu_get_libc_version``)."""
     try:
@@ -93,4 +108,7 @@ def _glibc():
         return None
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     libc.mallopt.restype = ctypes.c_int
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.malloc_trim.restype = ctypes.c_int
     return libc

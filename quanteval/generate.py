@@ -63,6 +63,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from quanteval import allocator
+
 log = logging.getLogger(__name__)
 
 CPU_MAX_BATCH = 32  # a 2-core CPU gains little past this (tokens/s: bs 8 ~41, 16 ~66, 32 ~83 on SmolLM2)
@@ -129,6 +131,7 @@ if DynamicLayer is not None:
             super().__init__()
             self.reserve = reserve  # positions allocated beyond the current length when the buffer grows
             self._k = self._v = None  # (B, H, capacity, D)
+            self.slot = None  # (a _Stack, where): its first buffers are views of the stack's (``_Stack.cache``)
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
@@ -143,6 +146,13 @@ if DynamicLayer is not None:
             return self.keys, self.values
 
         def _reallocate(self, like: torch.Tensor, capacity: int, n: int) -> None:
+            if self.slot is not None and not n:  # the first buffers: this layer's rows of a shared stack
+                stack, where = self.slot
+                self.slot = None
+                k, v = stack.views(where, like)
+                if k.shape[-2] >= capacity:
+                    self._k, self._v = k, v
+                    return
             b, h, _, d = like.shape
             k, v = like.new_zeros(b, h, capacity, d), like.new_zeros(b, h, capacity, d)
             if n:
@@ -164,6 +174,44 @@ if DynamicLayer is not None:
         def reset(self) -> None:
             self._k = self._v = None
             super().reset()
+
+
+class _Stack:
+    """Key/value buffers for the rows of several prefills (``rows`` in all), each group's rows right-aligned
+    at the widest group's ``width``: a group's cache layers write straight into their rows' slice
+    (``_GrowingLayer.slot``), so stacking the groups into one batch copies nothing and never holds the
+    parts and the whole at once (``_merge`` would: about 0.35 GB more at the default sweep's first prefill).
+    The buffers are zeroed: padding positions are masked, and must not be NaN."""
+
+    def __init__(self, rows: int, width: int, reserve: int):
+        self.rows, self.width, self.reserve = rows, width, reserve
+        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (rows, H, width + reserve, D)
+        self.row0 = 0  # the next group's first row
+
+    def cache(self, model, n: int, width: int):
+        """The growing cache of the next group (``n`` rows, prompts up to ``width`` tokens)."""
+        cache = _growing_cache(model, self.reserve)
+        for i, layer in enumerate(cache.layers):
+            layer.slot = (self, (i, self.row0, n, width))
+        self.row0 += n
+        return cache
+
+    def views(self, where: tuple[int, int, int, int], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index``'s buffers for rows ``row0 : row0 + n``, from position ``self.width - width``."""
+        index, row0, n, width = where
+        if index not in self.buffers:
+            _, h, _, d = like.shape
+            shape = (self.rows, h, self.width + self.reserve, d)
+            self.buffers[index] = like.new_zeros(shape), like.new_zeros(shape)
+        k, v = self.buffers[index]
+        return k[row0:row0 + n, :, self.width - width:], v[row0:row0 + n, :, self.width - width:]
+
+    def adopt(self, cache) -> None:
+        """Make ``cache`` (a group's) hold every row: its layers take the whole buffers."""
+        for i, layer in enumerate(cache.layers):
+            k, v = self.buffers[i]
+            layer.set(k, v, self.width)
+        self.buffers = {}
 
 
 def _growing_cache(model, reserve: int):
@@ -212,6 +260,8 @@ def _merge(caches: list, masks: list[torch.Tensor], reserve: int) -> torch.Tenso
             n, wi = la.keys.shape[0], la.keys.shape[2]
             k[b:b + n, :, w - wi:w], v[b:b + n, :, w - wi:w] = la.keys, la.values
             b += n
+            if la is not layers[0]:  # a part's layer, copied: freed now, not when the whole part is
+                la._k = la._v = la.keys = la.values = None
         layers[0].set(k, v, w)
     return torch.cat([torch.cat([m.new_zeros(m.shape[0], w - m.shape[1]), m], dim=1) for m in masks], dim=0)
 
@@ -337,22 +387,27 @@ def generate_requests(model, tokenizer, requests: Sequence[Request], batch_size:
     bad = next((r for r in requests if r.max_new_tokens < 1), None)
     if bad is not None:
         raise ValueError(f"max_new_tokens={bad.max_new_tokens}: must be >= 1")
+    kv_cap = None  # bytes of padded KV cache a prefill may bring the batch to (a CPU's "auto" batch)
     if batch_size == "auto":
         lengths = [len(r.ids) + r.max_new_tokens for r in requests]
         bs = auto_batch_size(model, len(requests), max(lengths), mean_len=sum(lengths) // len(lengths),
                              kv_budget=kv_budget)
+        if next(model.parameters()).device.type != "cuda":
+            kv_cap = CPU_KV_BUDGET if kv_budget is None else kv_budget
     elif isinstance(batch_size, int) and batch_size >= 1:
         bs = batch_size
     else:
         raise ValueError(f"batch_size={batch_size!r}: must be a positive integer or 'auto'")
     out: list[Generation | None] = [None] * len(requests)
+    if next(model.parameters()).device.type == "cpu":
+        allocator.trim()  # what earlier work freed goes back to the system before the batch's cache grows
     bar = tqdm(total=len(requests), desc=desc, leave=False, unit="item")
     try:
         while True:
             pending = [i for i, g in enumerate(out) if g is None]
             if not pending:
                 return out  # type: ignore[return-value]
-            engine = _Engine(model, tokenizer, requests, pending, out, bs, bar)
+            engine = _Engine(model, tokenizer, requests, pending, out, bs, bar, kv_cap)
             try:
                 engine.run()
             except Exception as e:  # noqa: BLE001 - only the allocator's out-of-memory errors are retried
@@ -374,8 +429,11 @@ class _Engine:
     """One pass over the pending requests: a queue, a running batch, refills (see the module docstring).
     Finished generations are written to ``out`` as they end, so an interrupted pass keeps them."""
 
-    def __init__(self, model, tokenizer, requests, pending, out, batch_size, bar):
+    def __init__(self, model, tokenizer, requests, pending, out, batch_size, bar, kv_cap=None):
         self.model, self.tok, self.reqs = model, tokenizer, requests
+        # the batch's padded KV cache (rows x widest row) a prefill may bring it to, in tokens: rows whose
+        # prompts and drafts are much longer than the others' would otherwise pad every row to their width
+        self.kv_cap = kv_cap // kv_bytes_per_token(model) if kv_cap else None
         self.bs, self.out, self.bar = batch_size, out, bar
         self.device = next(model.parameters()).device
         self.eos = _eos_ids(model, tokenizer)
@@ -403,7 +461,8 @@ class _Engine:
         while rows or self.queue:
             free = self.bs - len(rows)
             if self.queue and (not rows or (free >= refill_at and self.stackable)):
-                part = self._prefill(self._take(free))
+                taken = self._take(free, len(rows), mask.shape[1] if rows else 0)
+                part = self._prefill(taken) if taken else None
                 if part is not None and rows:
                     mask = _merge([cache, part[1]], [mask, part[2]], self.reserve)
                     rows, pos, logits = rows + part[0], torch.cat([pos, part[3]]), torch.cat([logits, part[4]])
@@ -429,13 +488,18 @@ class _Engine:
                 pos = pos + 1
                 logits = out.logits[:, -1]
 
-    def _take(self, n: int) -> list[int]:
-        """Up to ``n`` prompts from the queue (longest first), as many as one prefill's budget holds."""
+    def _take(self, n: int, batch: int = 0, batch_width: int = 0) -> list[int]:
+        """Up to ``n`` prompts from the queue (longest first), as many as one prefill's budget holds, and
+        as many as the KV budget (``kv_cap``) holds once they join the ``batch`` rows of ``batch_width``
+        positions (left-padded to the widest, plus ``reserve``): none when it holds no more, at least one
+        when the batch is empty."""
         if not self.queue:
             return []
         width = len(self._ids(self.queue[0]))
         budget = PREFILL_BUDGET["cuda" if self.device.type == "cuda" else "cpu"]
         n = max(1, min(n, budget // max(width * width, 1)))
+        if self.kv_cap is not None:
+            n = max(min(n, self.kv_cap // (max(width, batch_width) + self.reserve) - batch), 0 if batch else 1)
         taken, self.queue = self.queue[:n], self.queue[n:]
         return taken
 
@@ -443,18 +507,42 @@ class _Engine:
         """Prefill of ``rows``' prompts (and drafts): (rows, cache, mask, next positions, last logits), their
         caches left-padded to the longest, or None when no row is left to decode (each ended inside its
         draft, or its draft was refused and it went back to the queue). Prompts of very different lengths
-        are prefilled in groups of similar length (``length_groups``) and stacked, where the cache can be
-        (a growing one)."""
+        are prefilled in groups of similar length (``length_groups``), each straight into its rows of one
+        set of buffers (``_Stack``), where the cache can be (a growing one)."""
         groups = length_groups([len(self._ids(r)) for r in rows]) if self.stackable else [range(len(rows))]
-        parts = [p for p in (self._prefill_group([rows[i] for i in g]) for g in groups) if p is not None]
-        if len(parts) <= 1:
-            return parts[0] if parts else None
-        mask = _merge([p[1] for p in parts], [p[2] for p in parts], self.reserve)
-        return ([r for p in parts for r in p[0]], parts[0][1], mask, torch.cat([p[3] for p in parts]),
-                torch.cat([p[4] for p in parts]))
+        groups = [[rows[i] for i in g] for g in groups]
+        widths = [max(len(self._ids(r)) for r in g) for g in groups]
+        stack = _Stack(len(rows), max(widths), self.reserve) if len(groups) > 1 else None
+        parts = [self._prefill_group(g, stack.cache(self.model, len(g), w) if stack else None)
+                 for g, w in zip(groups, widths)]
+        rows = [r for g in groups for r in g]
+        cache = parts[0][0]
+        if stack is None:
+            mask = parts[0][1]
+        else:
+            stack.adopt(cache)  # every row, in the first group's cache (the others' are views of it)
+            w = stack.width
+            mask = torch.cat([torch.cat([m.new_zeros(m.shape[0], w - m.shape[1]), m], dim=1)
+                              for _, m, *_ in parts], dim=0)
+        pos, logits = torch.cat([p[2] for p in parts]), torch.cat([p[3] for p in parts])
+        drop, b = [], 0
+        for g, p in zip(groups, parts):
+            drop += [b + i for i in p[4]]
+            b += len(g)
+        del parts, stack  # the groups' caches: views of the adopted buffers
+        if drop:
+            keep = [i for i in range(len(rows)) if i not in set(drop)]
+            if not keep:
+                return None
+            sel = torch.tensor(keep, device=self.device, dtype=torch.long)
+            mask = _select(cache, sel, mask)
+            rows, pos, logits = [rows[i] for i in keep], pos[sel], logits[sel]
+        return rows, cache, mask, pos, logits
 
-    def _prefill_group(self, rows: list[int]):
-        """One left-padded prefill of ``rows``' prompts and drafts (see ``_prefill``)."""
+    def _prefill_group(self, rows: list[int], cache=None):
+        """One left-padded prefill of ``rows``' prompts and drafts, into ``cache`` (a new growing one by
+        default): (cache, mask, next positions, last logits, the indices of the rows to drop: those
+        that ended inside their draft, or whose draft was refused)."""
         seqs = [self._ids(r) for r in rows]
         n, width = len(seqs), max(len(x) for x in seqs)
         ids = torch.full((n, width), self.pad, dtype=torch.long)
@@ -464,7 +552,8 @@ class _Engine:
             mask[i, width - len(x):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(1) - 1).clamp(min=0)  # (n, width): position ids that skip the padding
-        cache = _growing_cache(self.model, self.reserve)
+        if cache is None:
+            cache = _growing_cache(self.model, self.reserve)
         kwargs = {self.cache_kw: cache} if cache is not None else {}
         drop: list[int] = []
         if any(r in self.drafts for r in rows):  # the hidden states of every position, to verify the drafts
@@ -481,21 +570,14 @@ class _Engine:
             logits = out.logits[:, -1]
         cache = getattr(out, "cache", None) or out.past_key_values
         for i, r in enumerate(rows):
-            draft = self.drafts.get(r, [])
+            draft = self.drafts.get(r, []) if i not in drop else []
             self.tokens[r] = []
             for t in draft:  # taken as generated, one at a time: a draft may end its request (a stop string)
                 self.tokens[r].append(t)
                 if self._finished(r, self.tokens[r]):
                     drop.append(i)
                     break
-        if drop:
-            keep = [i for i in range(n) if i not in set(drop)]
-            if not keep:
-                return None
-            sel = torch.tensor(keep, device=self.device, dtype=torch.long)
-            mask = _select(cache, sel, mask)
-            rows, pos, logits = [rows[i] for i in keep], pos[sel], logits[sel]
-        return rows, cache, mask, pos[:, -1:] + 1, logits
+        return cache, mask, pos[:, -1:] + 1, logits, drop
 
     def _verify(self, r: int, hidden: torch.Tensor) -> bool:
         """Whether row ``r``'s draft is the model's own greedy continuation: at each draft position the

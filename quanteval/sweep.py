@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 import quanteval
-from quanteval import results
+from quanteval import allocator, results
 from quanteval.accounting import compression
 from quanteval.config import RunConfig, WikiText2Config
 from quanteval.data import resolve_data_dir
@@ -174,7 +174,7 @@ def run_job(cfg: RunConfig, session: Session) -> dict:
     The OS releases the lock when its holder dies (``kill -9`` included), so a killed job's lock is
     never stale; its half-written files are temporary files that nothing reads.
     """
-    from quanteval import allocator, threads
+    from quanteval import threads
 
     threads.configure()  # this process's share of the cores, now (parallel local jobs share them)
     allocator.configure()  # QUANTEVAL_MMAP_THRESHOLD: large freed blocks go back to the system (less memory, slower)
@@ -217,6 +217,7 @@ def run_one(run: Run, session: Session) -> dict:
             return _compute(run, session)
     finally:
         lock.release()
+        allocator.trim()  # the run's freed memory back to the system, not carried into the next run
 
 
 def siblings(run: Run, session: Session) -> list[Run]:

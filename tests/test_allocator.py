@@ -38,6 +38,8 @@ for _ in range(100):
     ctypes.memset(pins[-1], 1, 100 << 10)
 for b in blocks:
     libc.free(b)
+if sys.argv[1] == "trim":  # glibc's default, then trim(): the free pages go back (between a sweep's phases)
+    assert allocator.trim()
 print(rss() - before)
 """
 
@@ -55,6 +57,11 @@ def test_freed_blocks_go_back_to_the_system_only_with_the_threshold_fixed():
     assert _kept_mb("default") >= 150  # glibc's default keeps the 200 MB freed
     assert _kept_mb("off") >= 150
     assert _kept_mb("configure") <= 30  # the 10 MB of small blocks stay
+
+
+@pytest.mark.skipif(allocator._glibc() is None, reason="not glibc: trim() is a no-op")
+def test_trim_returns_the_heaps_free_pages_under_glibcs_default():
+    assert _kept_mb("trim") <= 30  # the 200 MB freed inside the heap (pinned by small blocks) go back
 
 
 def test_the_setting_and_a_bad_value_in_one_line(monkeypatch):

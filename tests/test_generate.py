@@ -315,3 +315,72 @@ def test_a_draft_that_ends_its_request_is_the_whole_answer(tiny_model, one_threa
     want = G.generate_requests(model, tok, [G.Request(ids, 12, (stop,))], batch_size=1)[0]
     assert got.finish == want.finish == "stop" and got.text == want.text and got.tokens == want.tokens
     assert got.drafted == got.n_tokens  # nothing was decoded
+
+
+def test_grouped_prefill_writes_one_cache_equal_to_merging_the_groups(tiny_model, one_thread, monkeypatch):
+    """Prompts of very different lengths are prefilled in groups, each straight into its rows of one set of
+    buffers (``_Stack``): the keys and values are bit for bit those of prefilling each group into its own
+    cache and merging them (``_merge``, the previous way), and no merge copy is made."""
+    from transformers import AutoModelForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = talking(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), tok)
+    lengths = [60, 57, 30, 28, 9, 7, 6]
+    vocab = model.config.vocab_size - 5
+    reqs = [G.Request([5 + (i * 13 + j * 7) % vocab for j in range(n)], 8) for i, n in enumerate(lengths)]
+    merges = []
+    real_merge = G._merge
+    monkeypatch.setattr(G, "_merge", lambda *a: merges.append(1) or real_merge(*a))
+
+    def engine():
+        return G._Engine(model, tok, reqs, list(range(len(reqs))), [None] * len(reqs), len(reqs),
+                         __import__("tqdm").tqdm(disable=True))
+
+    eng = engine()
+    rows = eng._take(len(reqs))
+    groups = G.length_groups([len(eng._ids(r)) for r in rows])
+    assert len(groups) == 3
+    rows_got, cache, mask, pos, logits = eng._prefill(rows)
+    assert not merges  # stacked in place
+    ref = engine()
+    parts = [ref._prefill_group([rows[i] for i in g]) for g in groups]
+    want_mask = real_merge([p[0] for p in parts], [p[1] for p in parts], ref.reserve)
+    assert rows_got == [rows[i] for g in groups for i in g]
+    assert torch.equal(mask, want_mask)
+    assert torch.equal(logits, torch.cat([p[3] for p in parts])) and torch.equal(pos, torch.cat([p[2] for p in parts]))
+    for got, want in zip(cache.layers, parts[0][0].layers):
+        assert got._k.shape == want._k.shape and got.keys.shape == want.keys.shape
+        assert torch.equal(got._k, want._k) and torch.equal(got._v, want._v)
+
+
+def test_a_prefill_never_pads_the_batch_past_the_kv_budget(tiny_model, one_thread, monkeypatch):
+    """On a CPU with ``batch_size="auto"`` a prefill takes only as many prompts as the KV budget holds once
+    every row is left-padded to the widest (prompt and draft) plus ``reserve``; a batch is never left empty.
+    The answers are the same as with no such cap."""
+    from transformers import AutoModelForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = talking(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), tok)
+    per_tok = G.kv_bytes_per_token(model)
+    lengths = [90, 12, 11, 10, 10, 9, 8, 8, 7, 6]
+    vocab = model.config.vocab_size - 5
+    reqs = [G.Request([5 + (i * 11 + j * 3) % vocab for j in range(n)], 6) for i, n in enumerate(lengths)]
+    cap_tokens = 4 * (12 + 6)  # the reserve is min(GROW, cap) = 6: four short rows, or one long one
+    seen = []  # (rows, width + reserve) of the batch after each prefill and refill
+    real_take = G._Engine._take
+
+    def take(self, n, batch=0, batch_width=0):
+        taken = real_take(self, n, batch, batch_width)
+        if taken:
+            width = max([batch_width] + [len(self._ids(r)) for r in taken])
+            seen.append((batch + len(taken), width + self.reserve))
+        return taken
+
+    monkeypatch.setattr(G._Engine, "_take", take)
+    got = G.generate_requests(model, tok, reqs, batch_size="auto", kv_budget=cap_tokens * per_tok)
+    assert seen[0] == (1, 96)  # the long prompt alone: over the cap, but a batch is never empty
+    assert all(rows * width <= cap_tokens for rows, width in seen[1:]), seen
+    assert max(rows for rows, _ in seen) > 1
+    monkeypatch.setattr(G._Engine, "_take", real_take)
+    plain = G.generate_requests(model, tok, reqs, batch_size=len(reqs))
+    assert [g.tokens for g in got] == [g.tokens for g in plain]
