@@ -412,8 +412,9 @@ class PresetConfig:
     # sequences generated together: "auto" sizes it from free memory (quanteval.generate.auto_batch_size);
     # greedy outputs do not depend on it, so it is not part of a run's key
     gen_batch_size: str = "auto"
-    # with gen_batch_size=auto on a CPU: MiB of KV cache a generation batch is sized for (memory against
-    # speed: README, Performance, B3); like the batch size, not part of a run's key
+    # with gen_batch_size=auto on a CPU: MiB of KV cache a generation batch is sized for, and that a prefill
+    # may bring the batch's left-padded cache to (memory against speed: README, Performance, B3); like the
+    # batch size, not part of a run's key
     gen_kv_budget_mb: int = 1024
     # a variant's answers start from the part of the baseline's answer its own teacher-forced pass agrees
     # with (tasks scored on the baseline's answers), verified before it is taken; the answers are those of

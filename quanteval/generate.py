@@ -34,7 +34,9 @@ Semantics (those of lm-eval's ``HFLM.generate_until``, so scores match):
   were within 1e-4 (numerical ties, the only allowed difference).
 
 ``batch_size="auto"`` sizes the batch from the KV cache each row needs and the
-memory free on the device (``auto_batch_size``). Running out of memory, on CUDA
+memory free on the device (``auto_batch_size``); on a CPU a prefill then takes only the
+prompts whose cache, left-padded with the batch's to the widest row, stays within the KV
+budget (a row with a long prompt or draft pads every other row to its width). Running out of memory, on CUDA
 (``OutOfMemoryError``) or on the CPU (the allocator's ``RuntimeError``, e.g. under
 ``RLIMIT_AS`` or a cgroup limit), halves the batch and goes on with the prompts not yet
 finished: the answers already finished are kept, none is lost or computed twice. (A CPU

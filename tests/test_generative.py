@@ -276,6 +276,7 @@ metric_list:
 """
 
 
+@pytest.mark.slow  # a whole CLI sweep through lm-eval (about 70 s)
 def test_lmeval_passthrough_with_local_data(tiny_model, tiny_data, tmp_path):
     data = tmp_path / "choice.jsonl"
     rows = [{"question": f"the {w} is", "choices": ["river", "city", "king"], "label": i % 3}

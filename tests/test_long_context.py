@@ -128,6 +128,7 @@ def long_sweep(long_model, tiny_data, tmp_path_factory):
     return res
 
 
+@pytest.mark.slow  # three whole CLI sweeps (long_sweep: about 60 s)
 def test_long_context_runs_record_lengths_hops_and_buckets(long_sweep):
     runs = {}
     for f in (long_sweep / "default" / "runs").glob("*.json"):
@@ -143,6 +144,7 @@ def test_long_context_runs_record_lengths_hops_and_buckets(long_sweep):
     assert runs[("wikitext2_long", "baseline")]["metrics"]["kl_mean"] == 0
 
 
+@pytest.mark.slow  # three whole CLI sweeps (long_sweep: about 60 s)
 def test_long_context_report(long_sweep):
     report = long_sweep / "default" / "report"
     names = {p.name for p in report.glob("*.png")}
