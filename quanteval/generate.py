@@ -265,6 +265,11 @@ def _merge(caches: list, masks: list[torch.Tensor], reserve: int) -> torch.Tenso
             if la is not layers[0]:  # a part's layer, copied: freed now, not when the whole part is
                 la._k = la._v = la.keys = la.values = None
         layers[0].set(k, v, w)
+    return _stack_masks(masks, w)
+
+
+def _stack_masks(masks: list[torch.Tensor], w: int) -> torch.Tensor:
+    """The rows of ``masks`` stacked, each left-padded with zeros to width ``w``."""
     return torch.cat([torch.cat([m.new_zeros(m.shape[0], w - m.shape[1]), m], dim=1) for m in masks], dim=0)
 
 
@@ -389,19 +394,20 @@ def generate_requests(model, tokenizer, requests: Sequence[Request], batch_size:
     bad = next((r for r in requests if r.max_new_tokens < 1), None)
     if bad is not None:
         raise ValueError(f"max_new_tokens={bad.max_new_tokens}: must be >= 1")
+    device = next(model.parameters()).device.type
     kv_cap = None  # bytes of padded KV cache a prefill may bring the batch to (a CPU's "auto" batch)
     if batch_size == "auto":
         lengths = [len(r.ids) + r.max_new_tokens for r in requests]
         bs = auto_batch_size(model, len(requests), max(lengths), mean_len=sum(lengths) // len(lengths),
                              kv_budget=kv_budget)
-        if next(model.parameters()).device.type != "cuda":
+        if device != "cuda":  # as auto_batch_size's budget
             kv_cap = CPU_KV_BUDGET if kv_budget is None else kv_budget
     elif isinstance(batch_size, int) and batch_size >= 1:
         bs = batch_size
     else:
         raise ValueError(f"batch_size={batch_size!r}: must be a positive integer or 'auto'")
     out: list[Generation | None] = [None] * len(requests)
-    if next(model.parameters()).device.type == "cpu":
+    if device == "cpu":
         allocator.trim()  # what earlier work freed goes back to the system before the batch's cache grows
     bar = tqdm(total=len(requests), desc=desc, leave=False, unit="item")
     try:
@@ -523,9 +529,7 @@ class _Engine:
             mask = parts[0][1]
         else:
             stack.adopt(cache)  # every row, in the first group's cache (the others' are views of it)
-            w = stack.width
-            mask = torch.cat([torch.cat([m.new_zeros(m.shape[0], w - m.shape[1]), m], dim=1)
-                              for _, m, *_ in parts], dim=0)
+            mask = _stack_masks([p[1] for p in parts], stack.width)
         pos, logits = torch.cat([p[2] for p in parts]), torch.cat([p[3] for p in parts])
         drop, b = [], 0
         for g, p in zip(groups, parts):
@@ -533,7 +537,8 @@ class _Engine:
             b += len(g)
         del parts, stack  # the groups' caches: views of the adopted buffers
         if drop:
-            keep = [i for i in range(len(rows)) if i not in set(drop)]
+            dropped = set(drop)
+            keep = [i for i in range(len(rows)) if i not in dropped]
             if not keep:
                 return None
             sel = torch.tensor(keep, device=self.device, dtype=torch.long)
@@ -572,7 +577,7 @@ class _Engine:
             logits = out.logits[:, -1]
         cache = getattr(out, "cache", None) or out.past_key_values
         for i, r in enumerate(rows):
-            draft = self.drafts.get(r, []) if i not in drop else []
+            draft = self.drafts.get(r, [])  # a refused draft was removed by _verify
             self.tokens[r] = []
             for t in draft:  # taken as generated, one at a time: a draft may end its request (a stop string)
                 self.tokens[r].append(t)
