@@ -415,7 +415,7 @@ class PresetConfig:
     # with gen_batch_size=auto on a CPU: MiB of KV cache a generation batch is sized for, and that a prefill
     # may bring the batch's left-padded cache to (memory against speed: README, Performance, B3); like the
     # batch size, not part of a run's key
-    gen_kv_budget_mb: int = 1024
+    gen_kv_budget_mb: int = 384
     # a variant's answers start from the part of the baseline's answer its own teacher-forced pass agrees
     # with (tasks scored on the baseline's answers), verified before it is taken; the answers are those of
     # plain decoding up to numerical ties, so it is not part of a run's key either

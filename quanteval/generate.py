@@ -42,7 +42,8 @@ budget (a row with a long prompt or draft pads every other row to its width). Ru
 finished: the answers already finished are kept, none is lost or computed twice. (A CPU
 that overcommits memory is more often stopped by the kernel's OOM killer, which no process
 can catch: hence the budget.) One prefill takes at most ``PREFILL_BUDGET`` rows x width² (one 8K prompt,
-two 4K ones on a CPU); the decode batch is refilled from the queue as before.
+two 4K ones on a CPU), and each of its forward calls at most ``PREFILL_TOKENS`` padded tokens (its
+activations are transient but count in the peak); the decode batch is refilled from the queue as before.
 
 **Requests from several tasks in one batch.** ``generate_requests`` takes prompts that each
 carry their own token cap and stop strings (``Request``), so all of a variant's generative
@@ -76,7 +77,12 @@ CUDA_MAX_BATCH = 256
 # would take minutes and gigabytes for. Prompts of the short tasks (< 1K tokens) are never split by it.
 PREFILL_BUDGET = {"cpu": 32 * 1024**2, "cuda": 256 * 2048**2}
 PREFILL_SLACK = 1.25  # a prefill computes at most this many padded tokens per real one (length_groups)
-CPU_KV_BUDGET = 1 << 30  # bytes of KV cache a CPU batch is sized for (auto_batch_size)
+# padded tokens one forward call of a prefill takes at most (rows x width; a longer prompt goes alone): its
+# activations (the MLP's 3 x 1536 floats per token, ~20 kB/token for SmolLM2) are transient, but a refill
+# at a full KV budget adds them to the cache (28 rows x 700 tokens: ~0.4 GB by that estimate). The default
+# sweep's peak is set after its prefills, so it did not move (README, B3); 4K tokens keep 2 cores busy
+PREFILL_TOKENS = {"cpu": 4096, "cuda": 256 * 2048}
+CPU_KV_BUDGET = 384 << 20  # bytes of KV cache a CPU batch is sized for (auto_batch_size)
 TIE = 1e-4  # a top-2 logit gap below this is a numerical tie: float rounding may pick either token
 GROW = 64  # positions a row's KV buffer grows by when full (a copy every GROW steps, not one per step)
 
@@ -273,20 +279,25 @@ def _stack_masks(masks: list[torch.Tensor], w: int) -> torch.Tensor:
     return torch.cat([torch.cat([m.new_zeros(m.shape[0], w - m.shape[1]), m], dim=1) for m in masks], dim=0)
 
 
-def length_groups(lengths: Sequence[int], slack: float = PREFILL_SLACK) -> list[list[int]]:
+def length_groups(lengths: Sequence[int], slack: float = PREFILL_SLACK,
+                  max_tokens: int | None = None) -> list[list[int]]:
     """Split prompts (indices into ``lengths``, longest first) into groups whose left-padded prefill
     computes at most ``slack`` x their real tokens: one padded prefill of prompts from 470 tokens down to
     60 spends most of its matmuls on padding (6.3K real tokens of the default sweep's 48 prompts cost
-    22.6K padded ones).
+    22.6K padded ones). With ``max_tokens`` a group also holds at most that many padded tokens (rows x
+    its widest), unless it is one prompt.
 
     >>> length_groups([400, 390, 120, 100, 30])
     [[0, 1], [2, 3], [4]]
+    >>> length_groups([400, 390, 120, 100, 30], max_tokens=500)
+    [[0], [1], [2, 3], [4]]
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     groups: list[list[int]] = []
     for i in order:
         g = groups[-1] if groups else None
-        if g and (len(g) + 1) * lengths[g[0]] <= slack * (sum(lengths[j] for j in g) + lengths[i]):
+        if (g and (len(g) + 1) * lengths[g[0]] <= slack * (sum(lengths[j] for j in g) + lengths[i])
+                and (max_tokens is None or (len(g) + 1) * lengths[g[0]] <= max_tokens)):
             g.append(i)
         else:
             groups.append([i])
@@ -444,6 +455,7 @@ class _Engine:
         self.kv_cap = kv_cap // kv_bytes_per_token(model) if kv_cap else None
         self.bs, self.out, self.bar = batch_size, out, bar
         self.device = next(model.parameters()).device
+        self.prefill_tokens = PREFILL_TOKENS["cuda" if self.device.type == "cuda" else "cpu"]
         self.eos = _eos_ids(model, tokenizer)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(self.eos) if self.eos else 0)
         self.cache_kw = _cache_kwarg(model)
@@ -517,7 +529,8 @@ class _Engine:
         draft, or its draft was refused and it went back to the queue). Prompts of very different lengths
         are prefilled in groups of similar length (``length_groups``), each straight into its rows of one
         set of buffers (``_Stack``), where the cache can be (a growing one)."""
-        groups = length_groups([len(self._ids(r)) for r in rows]) if self.stackable else [range(len(rows))]
+        groups = length_groups([len(self._ids(r)) for r in rows], max_tokens=self.prefill_tokens) \
+            if self.stackable else [range(len(rows))]
         groups = [[rows[i] for i in g] for g in groups]
         widths = [max(len(self._ids(r)) for r in g) for g in groups]
         stack = _Stack(len(rows), max(widths), self.reserve) if len(groups) > 1 else None

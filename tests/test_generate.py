@@ -88,7 +88,7 @@ def test_batched_equals_unbatched_generate(tiny_model, one_thread, monkeypatch):
     monkeypatch.setattr(G, "_select", select)
     groups = []  # prefills split by prompt length (stacked into one cache)
     real_groups = G.length_groups
-    monkeypatch.setattr(G, "length_groups", lambda lengths: groups.append(real_groups(lengths)) or groups[-1])
+    monkeypatch.setattr(G, "length_groups", lambda lengths, **kw: groups.append(real_groups(lengths, **kw)) or groups[-1])
     ps = prompts(12)
     out = check_against_reference(model, tok, ps, 24, stop=["king war"], batch_sizes=[1, 4, 12, "auto"])
     assert {"eos", "length"} <= out["finish"]  # rows ended at different steps
@@ -202,6 +202,7 @@ import resource, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 import quanteval.generate as G
 torch.set_num_threads(1)
+G.PREFILL_TOKENS["cpu"] = 1 << 30  # one prefill call for the whole batch (the cap would split it and fit)
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
 torch.manual_seed(0)
 cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=256, num_hidden_layers=2,
@@ -254,7 +255,9 @@ def test_cpu_batch_is_sized_from_the_kv_budget(tiny_model):
     assert per_tok == 2 * 30 * 3 * 64 * 4  # SmolLM2-135M's shape: 46 kB per token in fp32
     rows = G.CPU_KV_BUDGET // (per_tok * 1000)
     assert auto_batch_size(model, 1000, 1000, free_bytes=10**12, mean_len=1000) == rows < G.CPU_MAX_BATCH
-    assert auto_batch_size(model, 1000, 1000, free_bytes=10**12, mean_len=300) == G.CPU_MAX_BATCH
+    short = G.CPU_KV_BUDGET // (per_tok * G.CPU_MAX_BATCH)  # the longest rows a full batch fits at
+    assert auto_batch_size(model, 1000, 1000, free_bytes=10**12, mean_len=short) == G.CPU_MAX_BATCH
+    assert auto_batch_size(model, 1000, 1000, free_bytes=10**12, mean_len=short + 1) == G.CPU_MAX_BATCH - 1
     # preset.gen_kv_budget_mb: a smaller budget holds proportionally fewer rows
     assert auto_batch_size(model, 1000, 1000, free_bytes=10**12, mean_len=300, kv_budget=256 << 20) \
         == (256 << 20) // (per_tok * 300) == 19
@@ -383,4 +386,30 @@ def test_a_prefill_never_pads_the_batch_past_the_kv_budget(tiny_model, one_threa
     assert max(rows for rows, _ in seen) > 1
     monkeypatch.setattr(G._Engine, "_take", real_take)
     plain = G.generate_requests(model, tok, reqs, batch_size=len(reqs))
+    assert [g.tokens for g in got] == [g.tokens for g in plain]
+
+
+def test_each_prefill_call_takes_at_most_prefill_tokens(tiny_model, one_thread, monkeypatch):
+    """A prefill's forward calls take at most ``PREFILL_TOKENS`` padded tokens (rows x width) each, a longer
+    prompt alone; the groups go into one cache, and the answers are those of one uncapped prefill."""
+    from transformers import AutoModelForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = talking(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), tok)
+    lengths = [70, 33, 32, 31, 30, 30, 29, 12, 11, 10]
+    vocab = model.config.vocab_size - 5
+    reqs = [G.Request([5 + (i * 17 + j * 5) % vocab for j in range(n)], 7) for i, n in enumerate(lengths)]
+    plain = G.generate_requests(model, tok, reqs, batch_size=len(reqs))  # one group: 10 x 70 > the cap below
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)
+    monkeypatch.setitem(G.PREFILL_TOKENS, "cpu", 64)
+    try:
+        got = G.generate_requests(model, tok, reqs, batch_size=len(reqs))
+    finally:
+        hook.remove()
+    prefills = [s for s in shapes if s[1] > 1]
+    assert prefills[0] == (1, 70)  # over the cap alone
+    assert all(r * w <= 64 for r, w in prefills[1:]), prefills
+    assert len(prefills) >= 5 and sum(r for r, _ in prefills) == len(reqs)  # one prefill, in capped calls
     assert [g.tokens for g in got] == [g.tokens for g in plain]
