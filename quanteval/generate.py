@@ -296,8 +296,9 @@ def length_groups(lengths: Sequence[int], slack: float = PREFILL_SLACK,
     groups: list[list[int]] = []
     for i in order:
         g = groups[-1] if groups else None
-        if (g and (len(g) + 1) * lengths[g[0]] <= slack * (sum(lengths[j] for j in g) + lengths[i])
-                and (max_tokens is None or (len(g) + 1) * lengths[g[0]] <= max_tokens)):
+        padded = (len(g) + 1) * lengths[g[0]] if g else 0  # the group's padded tokens with prompt i in it
+        if (g and padded <= slack * (sum(lengths[j] for j in g) + lengths[i])
+                and (max_tokens is None or padded <= max_tokens)):
             g.append(i)
         else:
             groups.append([i])
@@ -455,7 +456,8 @@ class _Engine:
         self.kv_cap = kv_cap // kv_bytes_per_token(model) if kv_cap else None
         self.bs, self.out, self.bar = batch_size, out, bar
         self.device = next(model.parameters()).device
-        self.prefill_tokens = PREFILL_TOKENS["cuda" if self.device.type == "cuda" else "cpu"]
+        kind = "cuda" if self.device.type == "cuda" else "cpu"
+        self.prefill_budget, self.prefill_tokens = PREFILL_BUDGET[kind], PREFILL_TOKENS[kind]
         self.eos = _eos_ids(model, tokenizer)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(self.eos) if self.eos else 0)
         self.cache_kw = _cache_kwarg(model)
@@ -516,8 +518,7 @@ class _Engine:
         if not self.queue:
             return []
         width = len(self._ids(self.queue[0]))
-        budget = PREFILL_BUDGET["cuda" if self.device.type == "cuda" else "cpu"]
-        n = max(1, min(n, budget // max(width * width, 1)))
+        n = max(1, min(n, self.prefill_budget // max(width * width, 1)))
         if self.kv_cap is not None:
             n = max(min(n, self.kv_cap // (max(width, batch_width) + self.reserve) - batch), 0 if batch else 1)
         taken, self.queue = self.queue[:n], self.queue[n:]
