@@ -413,9 +413,9 @@ class PresetConfig:
     # greedy outputs do not depend on it, so it is not part of a run's key
     gen_batch_size: str = "auto"
     # with gen_batch_size=auto on a CPU: MiB of KV cache a generation batch is sized for, and that a prefill
-    # may bring the batch's left-padded cache to (memory against speed: README, Performance, B3); like the
-    # batch size, not part of a run's key
-    gen_kv_budget_mb: int = 384
+    # may bring the batch's left-padded cache to (padding counted; only the positions written are resident:
+    # README, Performance, B3); memory against speed; like the batch size, not part of a run's key
+    gen_kv_budget_mb: int = 512
     # a variant's answers start from the part of the baseline's answer its own teacher-forced pass agrees
     # with (tasks scored on the baseline's answers), verified before it is taken; the answers are those of
     # plain decoding up to numerical ties, so it is not part of a run's key either

@@ -13,7 +13,14 @@ of generation on a CPU (``benchmarks/b2_generation.py`` measures it):
 - **the KV cache grows in place**: keys and values live in buffers with spare
   capacity (``_GrowingLayer``, ``GROW`` positions at a time), so a step writes one
   position instead of copying the whole cache (``DynamicCache`` appends with
-  ``torch.cat``, which costs a fifth of a decode step at 300 tokens).
+  ``torch.cat``, which costs a fifth of a decode step at 300 tokens);
+- **padding costs no memory on a CPU**: rows are left-padded to the widest, and a
+  batch's cache was about 40% padding. Its buffers are zero pages mapped for them
+  alone (``_zeros``), resident only once written, and a row is copied (growing,
+  dropping rows, refilling) only from its first attended position (``_copy_live``):
+  resident memory follows the tokens the rows hold, not rows x widest. Written here
+  because neither transformers' caches nor torch's allocator can leave pages unwritten
+  (``new_zeros`` writes every byte).
 
 Semantics (those of lm-eval's ``HFLM.generate_until``, so scores match):
 
@@ -57,8 +64,11 @@ U+FFFD, so every output is a valid ``str`` that can be stored and scored.
 
 from __future__ import annotations
 
+import errno
 import inspect
 import logging
+import math
+import mmap
 import os
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -82,7 +92,7 @@ PREFILL_SLACK = 1.25  # a prefill computes at most this many padded tokens per r
 # at a full KV budget adds them to the cache (28 rows x 700 tokens: ~0.4 GB by that estimate). The default
 # sweep's peak is set after its prefills, so it did not move (README, B3); 4K tokens keep 2 cores busy
 PREFILL_TOKENS = {"cpu": 4096, "cuda": 256 * 2048}
-CPU_KV_BUDGET = 384 << 20  # bytes of KV cache a CPU batch is sized for (auto_batch_size)
+CPU_KV_BUDGET = 512 << 20  # bytes of left-padded KV cache a CPU batch is sized for (auto_batch_size; see _zeros)
 TIE = 1e-4  # a top-2 logit gap below this is a numerical tie: float rounding may pick either token
 GROW = 64  # positions a row's KV buffer grows by when full (a copy every GROW steps, not one per step)
 
@@ -140,6 +150,7 @@ if DynamicLayer is not None:
             self.reserve = reserve  # positions allocated beyond the current length when the buffer grows
             self._k = self._v = None  # (B, H, capacity, D)
             self.slot = None  # (a _Stack, where): its first buffers are views of the stack's (``_Stack.cache``)
+            self.starts = None  # each row's first attended position (``_mark``): a copy skips the padding before it
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
@@ -162,9 +173,11 @@ if DynamicLayer is not None:
                     self._k, self._v = k, v
                     return
             b, h, _, d = like.shape
-            k, v = like.new_zeros(b, h, capacity, d), like.new_zeros(b, h, capacity, d)
+            k, v = _zeros((b, h, capacity, d), like), _zeros((b, h, capacity, d), like)
             if n:
-                k[:, :, :n], v[:, :, :n] = self.keys, self.values
+                starts = self.starts if self.starts is not None and len(self.starts) == b else None
+                _copy_live(k, 0, 0, self.keys, starts)
+                _copy_live(v, 0, 0, self.values, starts)
             self._k, self._v = k, v
 
         def set(self, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
@@ -173,11 +186,22 @@ if DynamicLayer is not None:
             self.keys, self.values = k[:, :, :n], v[:, :, :n]
             self.is_initialized = True
 
-        def batch_select_indices(self, indices: torch.Tensor, lead: int = 0) -> None:
-            """Keep rows ``indices``, dropping the first ``lead`` positions (padding in every kept row)."""
+        def batch_select_indices(self, indices: torch.Tensor, lead: int = 0, starts=None) -> None:
+            """Keep rows ``indices``, dropping the first ``lead`` positions (padding in every kept row).
+            ``starts``: the kept rows' first attended positions (after ``lead``), where known: only those
+            positions and the ones after them are copied (one copy, of the trimmed width only)."""
             n = self.get_seq_length()
-            if self._k is not None:  # slice, then index: one copy, of the trimmed width only
+            if self._k is None:
+                return
+            if starts is None or not _lazy(self._k):
                 self.set(self._k[:, :, lead:][indices], self._v[:, :, lead:][indices], n - lead)
+                return
+            b, h, cap, d = self._k.shape
+            k, v = _zeros((len(indices), h, cap - lead, d), self._k), _zeros((len(indices), h, cap - lead, d), self._k)
+            for j, (i, s) in enumerate(zip(indices.tolist(), starts)):
+                k[j, :, s:n - lead] = self._k[i, :, lead + s:n]
+                v[j, :, s:n - lead] = self._v[i, :, lead + s:n]
+            self.set(k, v, n - lead)
 
         def reset(self) -> None:
             self._k = self._v = None
@@ -210,7 +234,7 @@ class _Stack:
         if index not in self.buffers:
             _, h, _, d = like.shape
             shape = (self.rows, h, self.width + self.reserve, d)
-            self.buffers[index] = like.new_zeros(shape), like.new_zeros(shape)
+            self.buffers[index] = _zeros(shape, like), _zeros(shape, like)
         k, v = self.buffers[index]
         return k[row0:row0 + n, :, self.width - width:], v[row0:row0 + n, :, self.width - width:]
 
@@ -237,6 +261,65 @@ def _growing_cache(model, reserve: int):
     return cache
 
 
+def _lazy(t: torch.Tensor) -> bool:
+    """Whether ``t`` lives where untouched pages cost no memory (a CPU; see ``_zeros``)."""
+    return t.device.type == "cpu"
+
+
+def _zeros(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """Zeroed KV buffers of ``like``'s dtype and device. On a CPU, in an anonymous private mapping of their
+    own: the kernel gives its pages zeroed and only when first written (a read of an unwritten page maps the
+    shared zero page, which no process's resident set counts), and ``munmap`` returns them all when the
+    tensor is freed. So the left padding of a batch's rows and a buffer's room to grow cost no memory until
+    written, and a freed buffer leaves no hole in ``malloc``'s heap (a heap buffer is zeroed by writing it,
+    and its freed blocks stay resident until reused or trimmed). An ``mmap`` that fails for want of memory
+    raises ``MemoryError`` (as the allocator's failure would: the engine halves its batch)."""
+    if not _lazy(like):
+        return like.new_zeros(shape)
+    size = math.prod(shape) * like.element_size()
+    if not size:
+        return like.new_zeros(shape)
+    try:
+        buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError as e:
+        if e.errno == errno.ENOMEM:
+            raise MemoryError(f"KV cache buffer of {size} bytes: {e}") from e
+        raise
+    return torch.frombuffer(buf, dtype=like.dtype).view(shape)  # the tensor holds the mapping until freed
+
+
+def _starts(mask: torch.Tensor) -> list[int]:
+    """Each row's first attended position: the width of its left padding."""
+    return mask.ne(0).int().argmax(1).tolist()
+
+
+def _mark(cache, mask: torch.Tensor) -> None:
+    """Tell ``cache``'s growing layers their rows' first attended positions (``mask``: rows x positions), so
+    that a copy of the rows (growing, dropping rows, merging) skips their padding."""
+    starts = _starts(mask) if _lazy(mask) else None
+    for layer in getattr(cache, "layers", ()):
+        if isinstance(layer, _GrowingLayer):
+            layer.starts = starts
+
+
+def _copy_live(dst: torch.Tensor, row0: int, col0: int, src: torch.Tensor, starts=None) -> None:
+    """``dst[row0 + i, :, col0 + s_i : col0 + w] = src[i, :, s_i:]`` for each row ``i`` of ``src`` (w
+    positions), ``s_i = starts[i]``: the positions before a row's first attended one are padding, masked,
+    and left as ``dst`` has them (zeros, not written: see ``_zeros``). Consecutive rows with the same start
+    are copied at once; without ``starts`` (or off a CPU) every position is."""
+    n, w = src.shape[0], src.shape[2]
+    if starts is None or not _lazy(dst):
+        dst[row0:row0 + n, :, col0:col0 + w] = src
+        return
+    i = 0
+    while i < n:
+        j, s = i + 1, starts[i]
+        while j < n and starts[j] == s:
+            j += 1
+        dst[row0 + i:row0 + j, :, col0 + s:col0 + w] = src[i:j, :, s:]
+        i = j
+
+
 def _select(cache, indices: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Keep rows ``indices`` of ``cache`` (in place) and of ``mask``; returns the kept rows' mask.
 
@@ -250,28 +333,36 @@ def _select(cache, indices: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return mask
     live = mask.any(0).nonzero()
     lead = int(live[0]) if len(live) else 0  # leading all-padding columns
+    mask = mask[:, lead:]
+    starts = _starts(mask)
     for layer in cache.layers:
-        layer.batch_select_indices(indices, lead)
-    return mask[:, lead:]
+        layer.batch_select_indices(indices, lead, starts)
+    _mark(cache, mask)
+    return mask
 
 
 def _merge(caches: list, masks: list[torch.Tensor], reserve: int) -> torch.Tensor:
     """Stack the rows of ``caches`` into the first one (in place), each left-padded to the widest;
-    returns the stacked mask. One allocation per layer, however many parts."""
+    returns the stacked mask. One allocation per layer, however many parts; each row's positions before
+    its first attended one (padding) are not copied (``_copy_live``)."""
     w = max(m.shape[1] for m in masks)
+    starts = [_starts(m) for m in masks]
     for layers in zip(*(c.layers for c in caches)):
         k0 = layers[0].keys  # (B0, H, w0, D)
         shape = (sum(la.keys.shape[0] for la in layers), k0.shape[1], w + reserve, k0.shape[3])
-        k, v = k0.new_zeros(shape), k0.new_zeros(shape)
+        k, v = _zeros(shape, k0), _zeros(shape, k0)
         b = 0
-        for la in layers:  # (Bi, H, wi, D) each, right-aligned at w
+        for la, s in zip(layers, starts):  # (Bi, H, wi, D) each, right-aligned at w
             n, wi = la.keys.shape[0], la.keys.shape[2]
-            k[b:b + n, :, w - wi:w], v[b:b + n, :, w - wi:w] = la.keys, la.values
+            _copy_live(k, b, w - wi, la.keys, s)
+            _copy_live(v, b, w - wi, la.values, s)
             b += n
             if la is not layers[0]:  # a part's layer, copied: freed now, not when the whole part is
                 la._k = la._v = la.keys = la.values = None
         layers[0].set(k, v, w)
-    return _stack_masks(masks, w)
+    mask = _stack_masks(masks, w)
+    _mark(caches[0], mask)
+    return mask
 
 
 def _stack_masks(masks: list[torch.Tensor], w: int) -> torch.Tensor:
@@ -550,6 +641,7 @@ class _Engine:
             drop += [b + i for i in p[4]]
             b += len(g)
         del parts, stack  # the groups' caches: views of the adopted buffers
+        _mark(cache, mask)
         if drop:
             dropped = set(drop)
             keep = [i for i in range(len(rows)) if i not in dropped]

@@ -322,8 +322,10 @@ def test_a_draft_that_ends_its_request_is_the_whole_answer(tiny_model, one_threa
 
 def test_grouped_prefill_writes_one_cache_equal_to_merging_the_groups(tiny_model, one_thread, monkeypatch):
     """Prompts of very different lengths are prefilled in groups, each straight into its rows of one set of
-    buffers (``_Stack``): the keys and values are bit for bit those of prefilling each group into its own
-    cache and merging them (``_merge``, the previous way), and no merge copy is made."""
+    buffers (``_Stack``): the keys and values at every attended position are bit for bit those of
+    prefilling each group into its own cache and merging them (``_merge``, the previous way), and no merge
+    copy is made. (``_merge`` does not copy a row's left padding, which the stack's group prefill wrote: the
+    masked positions may differ, and the merged ones are zeros.)"""
     from transformers import AutoModelForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -351,9 +353,13 @@ def test_grouped_prefill_writes_one_cache_equal_to_merging_the_groups(tiny_model
     assert rows_got == [rows[i] for g in groups for i in g]
     assert torch.equal(mask, want_mask)
     assert torch.equal(logits, torch.cat([p[3] for p in parts])) and torch.equal(pos, torch.cat([p[2] for p in parts]))
+    attended = torch.zeros(mask.shape[0], 1, cache.layers[0]._k.shape[2], 1, dtype=torch.bool)
+    attended[:, 0, :mask.shape[1], 0] = mask.bool()
     for got, want in zip(cache.layers, parts[0][0].layers):
         assert got._k.shape == want._k.shape and got.keys.shape == want.keys.shape
-        assert torch.equal(got._k, want._k) and torch.equal(got._v, want._v)
+        for g, w in ((got._k, want._k), (got._v, want._v)):
+            assert torch.equal(g * attended, w * attended)
+            assert not (w * ~attended).any()  # the merge wrote no padding
 
 
 def test_a_prefill_never_pads_the_batch_past_the_kv_budget(tiny_model, one_thread, monkeypatch):
@@ -413,3 +419,58 @@ def test_each_prefill_call_takes_at_most_prefill_tokens(tiny_model, one_thread, 
     assert all(r * w <= 64 for r, w in prefills[1:]), prefills
     assert len(prefills) >= 5 and sum(r for r, _ in prefills) == len(reqs)  # one prefill, in capped calls
     assert [g.tokens for g in got] == [g.tokens for g in plain]
+
+
+
+def _anon_mib() -> float:
+    return int([x for x in open("/proc/self/status") if x.startswith("RssAnon")][0].split()[1]) / 1024
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads RssAnon from /proc")
+def test_kv_padding_and_room_to_grow_take_no_memory_on_a_cpu():
+    """A CPU batch's KV buffers (``_zeros``) are mapped zero pages that become resident only when written, and
+    merging, dropping rows and growing copy a row only from its first attended position (``_copy_live``): left
+    padding and the room to grow cost no resident memory. Two parts of 16 rows x 4 heads, 4,096 and 1,024
+    positions wide, whose rows attend to their last 16 and 64 positions, merge into buffers of 32 rows x 4,160
+    positions (260 MiB for keys and values); of those only the attended 2.5 MiB (and the pages they share)
+    become resident. The same after a row is dropped and the buffers grow. Attended values are kept exactly;
+    everything else reads as zeros."""
+    def part(width, live, seed):
+        g = torch.Generator().manual_seed(seed)
+        k, v = torch.zeros(16, 4, width, 64), torch.zeros(16, 4, width, 64)
+        k[:, :, width - live:] = torch.randn(16, 4, live, 64, generator=g)
+        v[:, :, width - live:] = torch.randn(16, 4, live, 64, generator=g)
+        layer = G._GrowingLayer(64)
+        layer.set(k, v, width)
+        mask = torch.zeros(16, width, dtype=torch.long)
+        mask[:, width - live:] = 1
+        return layer, mask
+
+    class Cache:
+        def __init__(self, layer):
+            self.layers = [layer]
+
+    (wide, m_wide), (narrow, m_narrow) = part(4096, 16, 0), part(1024, 64, 1)
+    live_wide, live_narrow = wide._k[:, :, -16:].clone(), narrow._k[:, :, -64:].clone()
+    live_mib = 2 * 4 * 64 * 4 * 16 * (64 + 16) / 2**20
+    slack_mib = 2 * 32 * 4 * 2 * 4096 / 2**20  # a page at each end of every row's attended span
+    cache = Cache(narrow)
+    with torch.no_grad():
+        before = _anon_mib()
+        mask = G._merge([cache, Cache(wide)], [m_narrow, m_wide], 64)  # the narrow part's rows, then the wide's
+        resident = _anon_mib() - before
+        k = narrow._k
+        assert mask.shape == (32, 4096) and k.shape == (32, 4, 4096 + 64, 64)
+        assert resident < live_mib + slack_mib, f"{resident:.1f} MiB resident, {live_mib:.1f} MiB attended"
+        assert torch.equal(k[:16, :, 4096 - 64:4096], live_narrow) and torch.equal(k[16:, :, 4096 - 16:4096], live_wide)
+        assert not k[:16, :, :4096 - 64].any() and not k[16:, :, :4096 - 16].any() and not k[:, :, 4096:].any()
+
+        before = _anon_mib()
+        mask = G._select(cache, torch.arange(1, 32), mask)  # drop the first row
+        assert mask.shape == (31, 64)  # the leading columns, padding in every kept row, were dropped
+        narrow._reallocate(narrow.keys, 64 + 2 * 64, 64)  # grow
+        assert _anon_mib() - before < live_mib + 2 * slack_mib
+        k = narrow._k
+        assert k.shape == (31, 4, 192, 64)
+        assert torch.equal(k[:15, :, :64], live_narrow[1:]) and torch.equal(k[15:, :, 48:64], live_wide)
+        assert not k[15:, :, :48].any() and not k[:, :, 64:].any()
