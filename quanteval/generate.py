@@ -89,9 +89,10 @@ PREFILL_BUDGET = {"cpu": 32 * 1024**2, "cuda": 256 * 2048**2}
 PREFILL_SLACK = 1.25  # a prefill computes at most this many padded tokens per real one (length_groups)
 # padded tokens one forward call of a prefill takes at most (rows x width; a longer prompt goes alone): its
 # activations (the MLP's 3 x 1536 floats per token, ~20 kB/token for SmolLM2) are transient, but a refill
-# at a full KV budget adds them to the cache (28 rows x 700 tokens: ~0.4 GB by that estimate). The default
-# sweep's peak is set after its prefills, so it did not move (README, B3); 4K tokens keep 2 cores busy
-PREFILL_TOKENS = {"cpu": 4096, "cuda": 256 * 2048}
+# at a full KV budget adds them to the cache. With the cache's padding no longer resident, the default
+# sweep's peak was set by such a prefill (RTN w8's first rows, with their drafts: README, B3); 1K tokens
+# still keep 2 cores busy
+PREFILL_TOKENS = {"cpu": 1024, "cuda": 256 * 2048}
 CPU_KV_BUDGET = 512 << 20  # bytes of left-padded KV cache a CPU batch is sized for (auto_batch_size; see _zeros)
 TIE = 1e-4  # a top-2 logit gap below this is a numerical tie: float rounding may pick either token
 GROW = 64  # positions a row's KV buffer grows by when full (a copy every GROW steps, not one per step)
@@ -193,14 +194,14 @@ if DynamicLayer is not None:
             n = self.get_seq_length()
             if self._k is None:
                 return
-            if starts is None or not _lazy(self._k):
+            if starts is None:  # slice, then index: one copy, of the trimmed width only
                 self.set(self._k[:, :, lead:][indices], self._v[:, :, lead:][indices], n - lead)
                 return
-            b, h, cap, d = self._k.shape
+            _, h, cap, d = self._k.shape
             k, v = _zeros((len(indices), h, cap - lead, d), self._k), _zeros((len(indices), h, cap - lead, d), self._k)
-            for j, (i, s) in enumerate(zip(indices.tolist(), starts)):
-                k[j, :, s:n - lead] = self._k[i, :, lead + s:n]
-                v[j, :, s:n - lead] = self._v[i, :, lead + s:n]
+            rows = indices.tolist()
+            _copy_live(k, 0, 0, self._k[:, :, lead:n], starts, rows)
+            _copy_live(v, 0, 0, self._v[:, :, lead:n], starts, rows)
             self.set(k, v, n - lead)
 
         def reset(self) -> None:
@@ -288,36 +289,36 @@ def _zeros(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=like.dtype).view(shape)  # the tensor holds the mapping until freed
 
 
-def _starts(mask: torch.Tensor) -> list[int]:
-    """Each row's first attended position: the width of its left padding."""
-    return mask.ne(0).int().argmax(1).tolist()
+def _starts(mask: torch.Tensor) -> list[int] | None:
+    """Each row's first attended position (the width of its left padding) where copies skip the padding (a
+    CPU's lazily mapped buffers, ``_zeros``); None elsewhere (a copy takes every position)."""
+    return mask.ne(0).int().argmax(1).tolist() if _lazy(mask) else None
 
 
-def _mark(cache, mask: torch.Tensor) -> None:
-    """Tell ``cache``'s growing layers their rows' first attended positions (``mask``: rows x positions), so
-    that a copy of the rows (growing, dropping rows, merging) skips their padding."""
-    starts = _starts(mask) if _lazy(mask) else None
+def _mark(cache, starts: list[int] | None) -> None:
+    """Tell ``cache``'s growing layers their rows' first attended positions (``_starts``), so that growing
+    copies a row from there."""
     for layer in getattr(cache, "layers", ()):
         if isinstance(layer, _GrowingLayer):
             layer.starts = starts
 
 
-def _copy_live(dst: torch.Tensor, row0: int, col0: int, src: torch.Tensor, starts=None) -> None:
-    """``dst[row0 + i, :, col0 + s_i : col0 + w] = src[i, :, s_i:]`` for each row ``i`` of ``src`` (w
-    positions), ``s_i = starts[i]``: the positions before a row's first attended one are padding, masked,
-    and left as ``dst`` has them (zeros, not written: see ``_zeros``). Consecutive rows with the same start
-    are copied at once; without ``starts`` (or off a CPU) every position is."""
-    n, w = src.shape[0], src.shape[2]
-    if starts is None or not _lazy(dst):
-        dst[row0:row0 + n, :, col0:col0 + w] = src
-        return
-    i = 0
-    while i < n:
-        j, s = i + 1, starts[i]
-        while j < n and starts[j] == s:
-            j += 1
-        dst[row0 + i:row0 + j, :, col0 + s:col0 + w] = src[i:j, :, s:]
-        i = j
+def _copy_live(dst: torch.Tensor, row0: int, col0: int, src: torch.Tensor, starts=None, rows=None) -> None:
+    """``dst[row0 + j, :, col0 + s_j : col0 + w] = src[rows[j], :, s_j:]`` for each ``j`` (``rows``: every row
+    of ``src`` by default; w: its positions), ``s_j = starts[j]``: a row's positions before its first attended
+    one are padding, masked, and left as ``dst`` has them (zeros, not written: see ``_zeros``). Runs of rows
+    that follow each other in ``src`` with the same start are copied at once; without ``starts`` every
+    position is."""
+    rows = range(src.shape[0]) if rows is None else rows
+    starts = [0] * len(rows) if starts is None else starts
+    w = src.shape[2]
+    j = 0
+    while j < len(rows):
+        e, s = j + 1, starts[j]
+        while e < len(rows) and starts[e] == s and rows[e] == rows[e - 1] + 1:
+            e += 1
+        dst[row0 + j:row0 + e, :, col0 + s:col0 + w] = src[rows[j]:rows[e - 1] + 1, :, s:]
+        j = e
 
 
 def _select(cache, indices: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -337,7 +338,7 @@ def _select(cache, indices: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     starts = _starts(mask)
     for layer in cache.layers:
         layer.batch_select_indices(indices, lead, starts)
-    _mark(cache, mask)
+    _mark(cache, starts)
     return mask
 
 
@@ -361,7 +362,7 @@ def _merge(caches: list, masks: list[torch.Tensor], reserve: int) -> torch.Tenso
                 la._k = la._v = la.keys = la.values = None
         layers[0].set(k, v, w)
     mask = _stack_masks(masks, w)
-    _mark(caches[0], mask)
+    _mark(caches[0], _starts(mask))
     return mask
 
 
@@ -641,7 +642,7 @@ class _Engine:
             drop += [b + i for i in p[4]]
             b += len(g)
         del parts, stack  # the groups' caches: views of the adopted buffers
-        _mark(cache, mask)
+        _mark(cache, _starts(mask))
         if drop:
             dropped = set(drop)
             keep = [i for i in range(len(rows)) if i not in dropped]
