@@ -361,9 +361,9 @@ def _merge(caches: list, masks: list[torch.Tensor], reserve: int) -> torch.Tenso
             if la is not layers[0]:  # a part's layer, copied: freed now, not when the whole part is
                 la._k = la._v = la.keys = la.values = None
         layers[0].set(k, v, w)
-    mask = _stack_masks(masks, w)
-    _mark(caches[0], _starts(mask))
-    return mask
+    # each part's rows are right-aligned at w: their starts move by w - (the part's width)
+    _mark(caches[0], None if None in starts else [x + w - m.shape[1] for s, m in zip(starts, masks) for x in s])
+    return _stack_masks(masks, w)
 
 
 def _stack_masks(masks: list[torch.Tensor], w: int) -> torch.Tensor:
