@@ -157,7 +157,10 @@ class WikiText2:
         from quanteval.evaluate import fidelity
 
         base = fidelity.BaselineStats.load(self._baseline_path(ctx))
-        metrics = fidelity.compare(ctx.loaded.model, self._windows(ctx), base)
+        if ctx.run.variant.is_baseline:  # compared with itself: from the statistics its one pass recorded
+            metrics = fidelity.compare_baseline(base)
+        else:
+            metrics = fidelity.compare(ctx.loaded.model, self._windows(ctx), base)
         per_window = metrics.pop("per_window")
         for label, b in (metrics.get("by_position") or {}).items():  # a row per bucket, with per-window CIs
             per_window[f"kl_mean@{label}"] = b.pop("kl_mean_per_window")

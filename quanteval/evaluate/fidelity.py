@@ -16,7 +16,11 @@ Baseline cache
     The baseline is run once per (model, windows, top_k) and stores, per
     position, its top-k log-probs, their token ids, the log of the remaining
     tail mass, and its log-prob of the true next token. Variants are then
-    compared against that file without rerunning the baseline.
+    compared against that file without rerunning the baseline, and so is the
+    baseline's own run (``compare_baseline``, ``sequence_compare_baseline``):
+    compared with itself, its KL is 0 and its top token the same everywhere by
+    definition, and its NLL is in the file, so a second pass over the same
+    windows (as long as a variant's evaluation) would only repeat them.
     KL is computed over the k+1 buckets (top-k tokens + one tail bucket).
     Merging the tail into one bucket can only lower KL (log-sum inequality),
     so the reported KL is a lower bound on the full-vocabulary KL; with
@@ -180,22 +184,37 @@ def baseline_stats(model, windows: torch.Tensor, top_k: int) -> BaselineStats:
 @torch.no_grad()
 def compare(model, windows: torch.Tensor, base: BaselineStats) -> dict:
     """Perplexity of ``model`` and its agreement with the baseline, per token and per window."""
-    kl_all, nll_all, same_all, dp_all = [], [], [], []
+    cols = []
     for n, w in enumerate(tqdm(windows, desc="eval windows", leave=False)):
         logits = _logits(model, w)  # (P, V)
-        cols = _compare_positions(logits, w[1:].to(logits.device), {k: v[n] for k, v in base.__dict__.items()})
-        kl_all.append(cols["kl"])
-        nll_all.append(cols["nll"])
-        same_all.append(cols["same"])
-        dp_all.append(cols["dp"])
-    kl = torch.cat(kl_all).double()
-    nll = torch.cat(nll_all).double()
-    n_win, per = windows.shape[0], windows.shape[1] - 1
+        cols.append(_compare_positions(logits, w[1:].to(logits.device), {k: v[n] for k, v in base.__dict__.items()}))
+    return _summary(cols, windows.shape[0], windows.shape[1] - 1)
+
+
+def _self_positions(true_logp: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``_compare_positions`` of the baseline against its own statistics, without a second forward pass:
+    the same logits give KL 0, the same top token and delta-p 0 at every position, and its NLL is minus
+    the true token's log-prob it recorded (the same float values a second pass computes)."""
+    return {"kl": torch.zeros_like(true_logp), "nll": -true_logp, "same": torch.ones_like(true_logp, dtype=torch.bool),
+            "dp": torch.zeros_like(true_logp)}
+
+
+def compare_baseline(base: BaselineStats) -> dict:
+    """``compare`` of the baseline model itself, from the statistics its one pass recorded (``baseline_stats``):
+    the same metrics as a second pass over the windows, which cost as long as a variant's evaluation."""
+    n_win, per = base.true_logp.shape
+    return _summary([_self_positions(t) for t in base.true_logp], n_win, per)
+
+
+def _summary(cols: list[dict[str, torch.Tensor]], n_win: int, per: int) -> dict:
+    """``compare``'s metrics from each window's per-position columns (``_compare_positions``)."""
+    kl = torch.cat([c["kl"] for c in cols]).double()
+    nll = torch.cat([c["nll"] for c in cols]).double()
+    same = torch.cat([c["same"] for c in cols]).double()
     extra = {}
     buckets = position_buckets(per)
     if len(buckets) > 1:  # long windows: does the error grow with distance into the context?
-        kl_w, nll_w = kl.view(n_win, per), nll.view(n_win, per)
-        same_w = torch.cat(same_all).double().view(n_win, per)
+        kl_w, nll_w, same_w = kl.view(n_win, per), nll.view(n_win, per), same.view(n_win, per)
         extra["by_position"] = {label: {"kl_mean": float(kl_w[:, a:b].mean()), "nll_mean": float(nll_w[:, a:b].mean()),
                                         "same_top1": float(same_w[:, a:b].mean()), "n_tokens": n_win * (b - a),
                                         "kl_mean_per_window": kl_w[:, a:b].mean(1).tolist()}
@@ -207,15 +226,15 @@ def compare(model, windows: torch.Tensor, base: BaselineStats) -> dict:
         "kl_p90": float(kl.quantile(0.90)),
         "kl_p99": float(kl.quantile(0.99)),
         "kl_max": float(kl.max()),
-        "same_top1": float(torch.cat(same_all).double().mean()),
-        "delta_p_mean": float(torch.cat(dp_all).double().mean()),
+        "same_top1": float(same.mean()),
+        "delta_p_mean": float(torch.cat([c["dp"] for c in cols]).double().mean()),
         "n_tokens": int(kl.numel()),
         "n_windows": n_win,
         # per-window values, for paired bootstrap over windows in the report
         "per_window": {
             "nll_mean": nll.view(n_win, per).mean(1).tolist(),
             "kl_mean": kl.view(n_win, per).mean(1).tolist(),
-            "same_top1": torch.cat(same_all).double().view(n_win, per).mean(1).tolist(),
+            "same_top1": same.view(n_win, per).mean(1).tolist(),
         },
         **extra,
     }
@@ -267,8 +286,24 @@ def sequence_compare(model, seqs: list[tuple[list[int], int]], base: list[dict[s
     out = []
     for (ids, start), b in zip(tqdm(seqs, desc="teacher-forced", leave=False), base):
         logits, target = _sequence_logits(model, ids, start)
-        c = _compare_positions(logits, target, b)
-        out.append({"n_tokens": int(c["kl"].numel()), "nll_mean": float(c["nll"].double().mean()),
-                    "kl_mean": float(c["kl"].double().mean()), "top1": float(c["same"].double().mean()),
-                    "own_prefix": own_prefix(logits, target), "kl_pos": [round(float(v), 5) for v in c["kl"]]})
+        out.append(_sequence_record(_compare_positions(logits, target, b), own_prefix(logits, target)))
     return out
+
+
+def sequence_compare_baseline(seqs: list[tuple[list[int], int]], base: list[dict[str, torch.Tensor]]) -> list[dict]:
+    """``sequence_compare`` of the baseline model itself, from the statistics its one pass recorded
+    (``sequence_baseline``), without a second pass: KL 0 and the same top token everywhere, the NLL
+    it recorded. ``own_prefix`` (the leading tokens that are its own greedy choices, by ``DRAFT_MARGIN``)
+    comes from its recorded top-2 log-probs, whose gap is the logits' gap up to float rounding."""
+    out = []
+    for (ids, start), b in zip(seqs, base):
+        target = torch.tensor(ids[start:], dtype=torch.long)
+        own = (b["topk_idx"][:, 0].long() == target) & (b["topk_logp"][:, 0] - b["topk_logp"][:, 1] >= DRAFT_MARGIN)
+        out.append(_sequence_record(_self_positions(b["true_logp"]), int(own.long().cumprod(0).sum())))
+    return out
+
+
+def _sequence_record(c: dict[str, torch.Tensor], own: int) -> dict:
+    return {"n_tokens": int(c["kl"].numel()), "nll_mean": float(c["nll"].double().mean()),
+            "kl_mean": float(c["kl"].double().mean()), "top1": float(c["same"].double().mean()),
+            "own_prefix": own, "kl_pos": [round(float(v), 5) for v in c["kl"]]}

@@ -409,14 +409,18 @@ class GenerativeTask:
                 and not ctx.run.variant.is_baseline and self._paths(ctx, spec)[1].exists())
 
     def teacher_forced(self, ctx, spec: TaskSpec) -> list[dict | None]:
-        """Per item, the model's teacher-forced record against the baseline's (None: no text to score)."""
+        """Per item, the model's teacher-forced record against the baseline's (None: no text to score);
+        the baseline's own, from the statistics its one pass recorded (no second pass)."""
         import torch
 
         from quanteval.evaluate import fidelity
 
         tf = torch.load(self._paths(ctx, spec)[1], weights_only=False)
         present = [s for s in tf["seqs"] if s is not None]
-        compared = iter(fidelity.sequence_compare(ctx.loaded.model, present, tf["stats"]))
+        if ctx.run.variant.is_baseline:
+            compared = iter(fidelity.sequence_compare_baseline(present, tf["stats"]))
+        else:
+            compared = iter(fidelity.sequence_compare(ctx.loaded.model, present, tf["stats"]))
         return [next(compared) if s is not None else None for s in tf["seqs"]]
 
     def drafts(self, ctx, spec: TaskSpec, requests: list, records: list[dict | None]) -> list:
