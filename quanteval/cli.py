@@ -230,9 +230,9 @@ def _composer(compose):
     """``compose("config", overrides=job)`` for each job of a sweep (inside ``initialize_config_dir``), with
     Hydra composing each distinct choice of config groups once: a job's value overrides are then applied
     to a copy of that composition by Hydra's own override code, as its compose applies them (after the
-    defaults list, in order, in struct mode). Composing every job of the default grid (112) took about
-    25 s of the sweep's start; its distinct choices of groups (method x task) are 28.
-    ``tests/test_cli.py`` checks it against composing every job."""
+    defaults list, in order, in struct mode). The default grid's 112 jobs hold 28 distinct choices of
+    groups (method x task): ``quanteval plan=true`` took 10.9 s against 20.0 s composing every job, and the
+    sweep's start 19.5 s against 30.9 s. ``tests/test_cli.py`` checks it against composing every job."""
     import copy
 
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
