@@ -58,7 +58,7 @@ sys.exit(code)
 
 def test_a_baseline_run_makes_no_second_pass(tiny_model, tiny_data, tmp_path):
     """In a sweep, the baseline's WikiText-2 and teacher-forced runs never call the comparing passes, and
-    record KL 0 and the same top token."""
+    record KL 0 and the same top token; a quantised variant's runs call each once (so the wrapping works)."""
     import json
     import os
     import subprocess
@@ -66,11 +66,13 @@ def test_a_baseline_run_makes_no_second_pass(tiny_model, tiny_data, tmp_path):
 
     res = tmp_path / "res"
     args = ["model=hf", f"model.name_or_path={tiny_model}", f"data_dir={tiny_data}", f"results_dir={res}",
-            "preset=smoke", "preset.n_windows=2", "preset.seq_len=64", "method=none", "task=wikitext2,gsm8k"]
+            "preset=smoke", "preset.n_windows=2", "preset.seq_len=64", "method=none,rtn", "bits=8",
+            "task=wikitext2,gsm8k"]
     proc = subprocess.run([sys.executable, "-c", PATCHED_CLI, *args], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "HYDRA_FULL_ERROR": "0"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "COMPARING PASSES: []" in proc.stdout, proc.stdout[-2000:]
-    runs = {p.name.split("__")[0]: json.loads(p.read_text()) for p in (res / "default" / "runs").glob("*.json")}
+    assert "COMPARING PASSES: ['compare', 'sequence_compare']" in proc.stdout, proc.stdout[-2000:]  # RTN w8's
+    baseline_runs = (res / "default" / "runs").glob("*baseline*.json")
+    runs = {p.name.split("__")[0]: json.loads(p.read_text()) for p in baseline_runs}
     assert runs["wikitext2"]["metrics"]["kl_mean"] == 0 and runs["wikitext2"]["metrics"]["same_top1"] == 1
     assert runs["gsm8k"]["metrics"]["tf_kl_mean"] == 0 and runs["gsm8k"]["metrics"]["tf_tokens"] > 0
