@@ -89,9 +89,9 @@ PREFILL_BUDGET = {"cpu": 32 * 1024**2, "cuda": 256 * 2048**2}
 PREFILL_SLACK = 1.25  # a prefill computes at most this many padded tokens per real one (length_groups)
 # padded tokens one forward call of a prefill takes at most (rows x width; a longer prompt goes alone): its
 # activations (the MLP's 3 x 1536 floats per token, ~20 kB/token for SmolLM2) are transient, but a refill
-# at a full KV budget adds them to the cache. With the cache's padding no longer resident, the default
-# sweep's peak was set by such a prefill (RTN w8's first rows, with their drafts: README, B3); 1K tokens
-# still keep 2 cores busy
+# at a full KV budget adds them to the cache. With 4K tokens the default sweep's peak was such a prefill
+# (RTN w8's first rows, with their drafts): 1K took that batch from 1,900 to 1,709 MiB, and one variant
+# alone from 1,829 to 1,796 MiB (README, B3); 1K tokens still keep 2 cores busy
 PREFILL_TOKENS = {"cpu": 1024, "cuda": 256 * 2048}
 CPU_KV_BUDGET = 512 << 20  # bytes of left-padded KV cache a CPU batch is sized for (auto_batch_size; see _zeros)
 TIE = 1e-4  # a top-2 logit gap below this is a numerical tie: float rounding may pick either token

@@ -274,7 +274,12 @@ def own_prefix(logits: torch.Tensor, target: torch.Tensor, margin: float = DRAFT
     2
     """
     top = logits.topk(2, dim=-1)  # values, indices: (P, 2)
-    own = (top.indices[:, 0] == target) & (top.values[:, 0] - top.values[:, 1] >= margin)  # (P,)
+    return _own_run(top.values, top.indices, target, margin)
+
+
+def _own_run(top_values: torch.Tensor, top_indices: torch.Tensor, target: torch.Tensor, margin: float) -> int:
+    """``own_prefix`` from each position's top-2 values (logits or log-probs) and their ids: (P, >= 2)."""
+    own = (top_indices[:, 0] == target) & (top_values[:, 0] - top_values[:, 1] >= margin)  # (P,)
     return int(own.long().cumprod(0).sum())
 
 
@@ -297,9 +302,8 @@ def sequence_compare_baseline(seqs: list[tuple[list[int], int]], base: list[dict
     comes from its recorded top-2 log-probs, whose gap is the logits' gap up to float rounding."""
     out = []
     for (ids, start), b in zip(seqs, base):
-        target = torch.tensor(ids[start:], dtype=torch.long)
-        own = (b["topk_idx"][:, 0].long() == target) & (b["topk_logp"][:, 0] - b["topk_logp"][:, 1] >= DRAFT_MARGIN)
-        out.append(_sequence_record(_self_positions(b["true_logp"]), int(own.long().cumprod(0).sum())))
+        own = _own_run(b["topk_logp"], b["topk_idx"].long(), torch.tensor(ids[start:]), DRAFT_MARGIN)
+        out.append(_sequence_record(_self_positions(b["true_logp"]), own))
     return out
 
 
