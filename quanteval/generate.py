@@ -76,7 +76,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from quanteval import allocator
+from quanteval import allocator, hf_cache
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +135,9 @@ def _cache_kwarg(model) -> str:
 
 # ---------------------------------------------------------------- KV cache that grows in place
 
-try:
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-except ImportError:  # pragma: no cover - older transformers: the model's own cache is used
-    DynamicCache = DynamicLayer = None
+_cache_utils = hf_cache.load()  # transformers' cache module, without hqq's import cost
+DynamicCache = getattr(_cache_utils, "DynamicCache", None)  # None: an older transformers, the model's own cache
+DynamicLayer = getattr(_cache_utils, "DynamicLayer", None)
 
 
 if DynamicLayer is not None:

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from quanteval import hf_cache
 from quanteval.artifacts import FLOAT_TYPES, Artifact, ArtifactError, gguf_reader, inspect, weight_files
 from quanteval.methods import QuantResult
 from quanteval.models import gguf_config_tokens
@@ -126,6 +127,7 @@ def base_facts(model_cfg):
 
 def meta_shapes(config) -> dict[str, tuple]:
     """Every parameter's shape of a model of ``config``, built on the meta device (no memory, no weights)."""
+    hf_cache.load()  # before the model's classes import transformers' cache module
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -160,6 +162,7 @@ def gguf_tensors(artifact: Artifact, base_conf) -> list[tuple]:
     """Every tensor of a GGUF file: (gguf name, the model's name or None, type, shape (out, in), bytes).
 
     Names are mapped by transformers' own GGUF name map, built on a meta model of ``base_conf``."""
+    hf_cache.load()
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
