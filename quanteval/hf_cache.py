@@ -54,8 +54,8 @@ def load():
         return sys.modules[name]
     import transformers.utils as tu
 
-    real = tu.is_hqq_available
-    if not real():
+    real = getattr(tu, "is_hqq_available", None)
+    if real is None or not real():  # a transformers without the check, or no hqq: nothing to avoid
         return importlib.import_module(name)
     tu.is_hqq_available = lambda *args, **kwargs: False
     try:

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from quanteval import hf_cache
 from quanteval.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -243,8 +244,6 @@ def _convert_gguf(cfg: ModelConfig, gguf: Path, target: Path) -> None:
 
 def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     """Load ``cfg``'s model on ``device`` in ``dtype``, converting GGUF files once."""
-    from quanteval import hf_cache
-
     hf_cache.load()  # before the model's classes import transformers' cache module (see hf_cache)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
