@@ -5,6 +5,9 @@
   The baseline weights are read back from the local safetensors files the model was loaded from
   (``BaseWeights``), one tensor at a time, rather than kept as a second copy in memory (0.54 GB
   for SmolLM2 in fp32); a model loaded from elsewhere (a hub id) keeps the copy;
+- which variant's weights the model holds, when a job applied them in place (``applied``): the next job
+  of the same variant that needs no baseline weights first scores them as they are (``model(variant,
+  keep=key)``), instead of restoring the baseline and applying the same result again;
 - the calibration set's first-block inputs, captured once per model and calibration settings (one
   capture kept at a time: they are large);
 - the cache files it wrote, so ``rerun=true`` recomputes each once per process, not once per job;
@@ -85,6 +88,7 @@ class _Model:
     loaded: object  # quanteval.models.LoadedModel
     base: BaseWeights  # the baseline weights, to restore between variants
     state: str = "clean"  # clean | modified (fake-quant weights in place) | packed (linears swapped)
+    applied: Optional[tuple[str, dict]] = None  # (key, what runs record of them): the weights applied in place
 
 
 @dataclass
@@ -141,13 +145,16 @@ class Session:
 
     # ------------------------------------------------------------------ the model
 
-    def model(self, variant):
+    def model(self, variant, keep: Optional[str] = None):
         """The baseline model of ``variant`` (a ``quanteval.variant.Variant``), loaded once per process
-        and restored to its baseline weights."""
+        and restored to its baseline weights; or, with ``keep``, the model as it is when it holds the
+        weights applied under that key (``holds``), and restored otherwise."""
         from quanteval.models import load_model, resolve_device, resolve_dtype
 
         m = self._model
-        if m is None or m.key != variant.model_key:
+        if keep is not None and self.holds(keep):
+            pass  # the weights applied under ``keep``, left in place
+        elif m is None or m.key != variant.model_key:
             self._model = None
             self._calib = None  # captured from the previous model
             device = resolve_device(variant.device)
@@ -160,7 +167,8 @@ class Session:
         from quanteval.kvcache import uninstall
 
         uninstall(m.loaded.model)  # the previous variant's KV cache, if it had one
-        m.state = "clean"
+        if m.applied is None or m.applied[0] != keep:
+            m.state, m.applied = "clean", None
         return m.loaded
 
     def modified(self, swapped: bool = False) -> None:
@@ -168,6 +176,30 @@ class Session:
         replaced by other modules, packed ones or a library's, so it is rebuilt before the next variant)."""
         if self._model is not None:
             self._model.state = "packed" if swapped else "modified"
+            self._model.applied = None
+
+    def applied(self, key: str, record: dict) -> None:
+        """The model now holds the weights applied in place under ``key`` (a variant's result, the model's
+        own modules kept), until ``modified`` or a restore; ``record``: what a run records of them (its
+        compression and quantisation info), for the jobs that keep them (``applied_record``)."""
+        if self._model is not None and self._model.state == "modified":
+            self._model.applied = (key, record)
+
+    def holds(self, key: str) -> bool:
+        """Whether the model in memory holds the weights applied under ``key``, unchanged since."""
+        m = self._model
+        return m is not None and m.state == "modified" and m.applied is not None and m.applied[0] == key
+
+    def applied_record(self) -> dict:
+        """What ``applied`` was given with the weights the model holds."""
+        if self._model is None or self._model.applied is None:
+            raise RuntimeError("the model holds no applied weights")
+        return self._model.applied[1]
+
+    def forget_applied(self) -> None:
+        """Treat the weights in memory as unknown (after a job failed): the next job restores them."""
+        if self._model is not None:
+            self._model.applied = None
 
     # ------------------------------------------------------------------ calibration
 
