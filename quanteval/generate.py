@@ -33,8 +33,10 @@ Semantics (those of lm-eval's ``HFLM.generate_until``, so scores match):
   tokens decoded *with* special tokens (so a stop string may be a special
   token such as ``<|im_end|>``); the returned text is decoded without special
   tokens and cut before the first stop string;
-- prompts are sorted by length (longest first) and left-padded, with
-  position ids that skip the padding; a merged row's cache is left-padded
+- requests that may decode the most steps go first (their token cap less their draft; then the
+  longest prompt): a batch lasts as long as its last answer, and a long answer that joined late
+  decoded at the tail nearly alone (longest-processing-time-first; measured below). Prompts are
+  left-padded, with position ids that skip the padding; a merged row's cache is left-padded
   with zeros that the attention mask hides. Padding changes nothing but
   float rounding: ``tests/test_generate.py`` checks the tokens against
   unbatched ``model.generate`` and counts the steps where the top two logits
@@ -557,7 +559,7 @@ class _Engine:
         # drafts: prefilled with their prompts, verified, and taken as generated (at least one token is decoded)
         self.drafts = {i: list(requests[i].draft[: requests[i].max_new_tokens - 1]) for i in pending
                        if requests[i].draft and requests[i].max_new_tokens > 1}
-        self.queue = sorted(pending, key=lambda i: -len(self._ids(i)))  # longest first
+        self.queue = sorted(pending, key=self._order)  # the most decode steps first, then the longest prompt
         self.tokens: dict[int, list[int]] = {}  # tokens so far of each row in the batch
         self.ties: dict[int, int] = {}  # per request: draft tokens that only tie with the model's argmax
         # tokens decoded to look for a stop string, per request (decoding fewer is cheaper on every step)
@@ -566,6 +568,14 @@ class _Engine:
     def _ids(self, r: int) -> list[int]:
         """What row ``r``'s prefill reads: its prompt, then its draft (if it still has one)."""
         return self.reqs[r].ids + self.drafts.get(r, [])
+
+    def _order(self, r: int) -> tuple[int, int]:
+        """Queue order: the most decode steps request ``r`` may take first (its cap less its draft), then
+        the longest prompt. A batch lasts as long as its longest answer; in prompt order IFEval's 512-token
+        answers (short prompts) joined after DialogSum's long prompts and decoded at the tail nearly alone:
+        the default sweep's baseline batch took 600 decode steps, 511 in this order, with 15% less
+        attention (rows x cached width) and the same answers (``benchmarks/generation_batch.py``)."""
+        return -(self.reqs[r].max_new_tokens - len(self.drafts.get(r, ()))), -len(self._ids(r))
 
     def run(self) -> None:
         refill_at = max(1, self.bs // 4)  # free rows that trigger a refill (fewer refills, fuller prefills)
@@ -602,17 +612,22 @@ class _Engine:
                 logits = out.logits[:, -1]
 
     def _take(self, n: int, batch: int = 0, batch_width: int = 0) -> list[int]:
-        """Up to ``n`` prompts from the queue (longest first), as many as one prefill's budget holds, and
-        as many as the KV budget (``kv_cap``) holds once they join the ``batch`` rows of ``batch_width``
-        positions (left-padded to the widest, plus ``reserve``): none when it holds no more, at least one
-        when the batch is empty."""
-        if not self.queue:
-            return []
-        width = len(self._ids(self.queue[0]))
-        n = max(1, min(n, self.prefill_budget // max(width * width, 1)))
-        if self.kv_cap is not None:
-            n = max(min(n, self.kv_cap // (max(width, batch_width) + self.reserve) - batch), 0 if batch else 1)
-        taken, self.queue = self.queue[:n], self.queue[n:]
+        """Up to ``n`` prompts from the head of the queue, in its order, as many as one prefill's budget
+        holds (rows x the widest of them, squared), and as many as the KV budget (``kv_cap``) holds once
+        they join the ``batch`` rows of ``batch_width`` positions (left-padded to the widest, plus
+        ``reserve``): none when it holds no more, at least one when the batch is empty, and a prompt
+        wider than the prefill's budget alone."""
+        taken, width = [], 0
+        for r in self.queue[:n]:
+            w, k = max(width, len(self._ids(r))), len(taken) + 1
+            if k > 1 and k * w * w > self.prefill_budget:
+                break
+            if (self.kv_cap is not None and (batch or taken)
+                    and (batch + k) * (max(w, batch_width) + self.reserve) > self.kv_cap):
+                break
+            taken.append(r)
+            width = w
+        self.queue = self.queue[len(taken):]
         return taken
 
     def _prefill(self, rows: list[int]):

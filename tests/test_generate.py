@@ -474,3 +474,30 @@ def test_kv_padding_and_room_to_grow_take_no_memory_on_a_cpu():
         assert k.shape == (31, 4, 192, 64)
         assert torch.equal(k[:15, :, :64], live_narrow[1:]) and torch.equal(k[15:, :, 48:64], live_wide)
         assert not k[15:, :, :48].any() and not k[:, :, 64:].any()
+
+
+def test_requests_that_may_decode_the_most_steps_go_first(tiny_model, one_thread, monkeypatch):
+    """The queue runs first the requests that may take the most decode steps (their cap less their draft),
+    then the longest prompts: a long answer behind a short prompt starts in the first prefill, not at the
+    batch's tail. The answers are those of one batch holding every request."""
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = talking(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), tok)
+    vocab = model.config.vocab_size - 5
+    ids = [[5 + (i * 17 + j * 5) % vocab for j in range(n)] for i, n in enumerate([40, 30, 5, 8, 6])]
+    plain = G.generate_requests(model, tok, [G.Request(x, 24) for x in ids], batch_size=5)
+    caps = [4, 4, 24, 24, 12]
+    draft = tuple(plain[3].tokens[:20])  # request 3's own answer: 20 of its 24 tokens come as a draft
+    reqs = [G.Request(x, c, draft=draft if i == 3 else ()) for i, (x, c) in enumerate(zip(ids, caps))]
+    eng = G._Engine(model, tok, reqs, list(range(5)), [None] * 5, 2, tqdm(disable=True))
+    assert eng.queue == [2, 4, 0, 1, 3]  # steps 24, 12, then 4 each: prompts 40, 30, then 8 + a 20-token draft
+    first = []
+    real_prefill = G._Engine._prefill
+    monkeypatch.setattr(G._Engine, "_prefill", lambda self, rows: first.append(list(rows)) or real_prefill(self, rows))
+    got = G.generate_requests(model, tok, reqs, batch_size=2)
+    assert first[0] == [2, 4]
+    for g, p, c in zip(got, plain, caps):  # each answer is the plain one's first tokens, to its own cap
+        assert g.tokens == p.tokens[:c]
+    assert got[3].drafted == 20
