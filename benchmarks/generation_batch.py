@@ -85,9 +85,14 @@ def main() -> None:
     for rep in range(a.repeats):
         for engine in a.engine:
             env = dict(os.environ, PYTHONPATH=str(Path(engine).resolve()))
-            out = subprocess.run([sys.executable, "-c", RUN, str(requests), str(a.budget_mib)], env=env,
+            # -P: the working directory is not put before PYTHONPATH (run from a checkout, ``python -c``
+            # imported that checkout's quanteval whatever --engine said; results before 2026-12-07 22:20 UTC
+            # compared the working directory's engine with itself)
+            out = subprocess.run([sys.executable, "-P", "-c", RUN, str(requests), str(a.budget_mib)], env=env,
                                  check=True, capture_output=True, text=True).stdout
             row = json.loads(out.strip().splitlines()[-1])
+            if not Path(row["engine"]).resolve().is_relative_to(Path(engine).resolve()):
+                sys.exit(f"--engine {engine}: the run imported {row['engine']} instead")
             row.update(checkout=engine, repeat=rep, budget_mib=a.budget_mib)
             rows.append(row)
             print(f"{engine}: {row['seconds']} s, resident before {row['rss_before_mib']} MiB, "

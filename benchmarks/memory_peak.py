@@ -54,12 +54,12 @@ def main() -> None:
     t0 = time.perf_counter()
 
     def bar() -> str:
-        try:  # tqdm's live bars: a weak set that other threads change
+        try:  # tqdm's live bars: a weak set that other threads change (a bar may be half made or closed)
             bars = [b for b in list(getattr(tqdm, "_instances", ())) if not getattr(b, "disable", False)]
-        except RuntimeError:
+            inner = [b for b in bars if not (getattr(b, "desc", "") or "").startswith("sweep")]  # the phase's bar
+            return (getattr((inner or bars)[-1], "desc", "") or "") if bars else ""
+        except Exception:  # noqa: BLE001 - a reading without its bar, rather than a sampler that stops
             return ""
-        inner = [b for b in bars if not (b.desc or "").startswith("sweep")]  # the phase, not the sweep's bar
-        return (inner or bars or [None])[-1].desc if bars else ""
 
     def sample():
         while not stop.wait(a.every):
