@@ -574,7 +574,7 @@ class _Engine:
         the longest prompt. A batch lasts as long as its longest answer; in prompt order IFEval's 512-token
         answers (short prompts) joined after DialogSum's long prompts and decoded at the tail nearly alone:
         the default sweep's baseline batch took 600 decode steps, 511 in this order, with 15% less
-        attention (rows x cached width) and the same answers (``benchmarks/generation_batch.py``)."""
+        attention (rows x cached width) and the same answers (``benchmarks/queue_order.py``)."""
         return -(self.reqs[r].max_new_tokens - len(self.drafts.get(r, ()))), -len(self._ids(r))
 
     def run(self) -> None:
