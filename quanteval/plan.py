@@ -54,7 +54,7 @@ def _median(xs: list[float]) -> float | None:
 def job_state(cfg: RunConfig) -> dict:
     """Where one job stands: run done?, quantisation cached?, baseline cached? (no model is loaded)."""
     from quanteval.data import resolve_data_dir
-    from quanteval.evaluate import TaskContext, task_for
+    from quanteval.evaluate import TaskContext, baseline_cached, task_for
     from quanteval.variant import Run
 
     run = Run.of(cfg)
@@ -65,7 +65,7 @@ def job_state(cfg: RunConfig) -> dict:
     else:
         status = "to do"
     ctx = TaskContext(run, None, resolve_data_dir(cfg.data_dir))
-    baseline = all(p.exists() for p in task_for(cfg.task).cache_paths(ctx))
+    baseline = baseline_cached(task_for(cfg.task), ctx)
     return {"run": run, "key": run.key, "path": run.path, "status": status, "quant_path": run.quant_path,
             "quant_cached": None if run.quant_path is None else run.quant_path.exists(), "baseline_cached": baseline}
 

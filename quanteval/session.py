@@ -152,8 +152,9 @@ class Session:
         from quanteval.models import load_model, resolve_device, resolve_dtype
 
         m = self._model
-        if keep is not None and self.holds(keep):
-            pass  # the weights applied under ``keep``, left in place
+        kept = keep is not None and self.holds(keep)  # the weights applied under ``keep``, left in place
+        if kept:
+            pass
         elif m is None or m.key != variant.model_key:
             self._model = None
             self._calib = None  # captured from the previous model
@@ -167,7 +168,7 @@ class Session:
         from quanteval.kvcache import uninstall
 
         uninstall(m.loaded.model)  # the previous variant's KV cache, if it had one
-        if m.applied is None or m.applied[0] != keep:
+        if not kept:
             m.state, m.applied = "clean", None
         return m.loaded
 

@@ -35,7 +35,7 @@ from quanteval import allocator, results
 from quanteval.accounting import compression
 from quanteval.config import RunConfig, WikiText2Config
 from quanteval.data import resolve_data_dir
-from quanteval.evaluate import Task, TaskContext, TaskResult, task_for
+from quanteval.evaluate import Task, TaskContext, TaskResult, baseline_cached, task_for
 from quanteval.methods import METHODS, CalibrationIds, QuantResult, QuantSpec, apply_result
 from quanteval.models import adapter_for
 from quanteval.session import Session
@@ -389,12 +389,10 @@ def kept_weights(run: Run, task: Task, session: Session) -> str | None:
     variant = run.variant
     if not variant.quantizes or variant.runtime != "fakequant" or run.cfg.rerun:
         return None
-    if not getattr(task, "applies_result", True) or not session.holds(weights_key(variant)):
+    key = weights_key(variant)
+    if not getattr(task, "applies_result", True) or not session.holds(key):
         return None
-    ctx = TaskContext(run, None, resolve_data_dir(run.cfg.data_dir))
-    if not all(p.exists() for p in task.cache_paths(ctx)):
-        return None
-    return weights_key(variant)
+    return key if baseline_cached(task, TaskContext(run, None, resolve_data_dir(run.cfg.data_dir))) else None
 
 
 def kv_cache_record(model, spec, run: Run, scored: TaskResult) -> dict:

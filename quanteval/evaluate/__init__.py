@@ -100,6 +100,11 @@ class Task(Protocol):
     def score(self, ctx: TaskContext) -> TaskResult: ...
 
 
+def baseline_cached(task: Task, ctx: TaskContext) -> bool:
+    """Whether every baseline cache file ``task`` reads exists (needs no model: ``ctx.loaded`` may be None)."""
+    return all(p.exists() for p in task.cache_paths(ctx))
+
+
 class WikiText2:
     """Perplexity and KL / top-1 agreement with the baseline (``quanteval.evaluate.fidelity``)."""
 
