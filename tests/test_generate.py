@@ -86,6 +86,9 @@ def test_batched_equals_unbatched_generate(tiny_model, one_thread, monkeypatch):
         return kept
 
     monkeypatch.setattr(G, "_select", select)
+    moved = []  # rows moved in place into the places of finished ones (_drop)
+    real_move = G._GrowingLayer.move_rows
+    monkeypatch.setattr(G._GrowingLayer, "move_rows", lambda self, moves, b: moved.append(len(moves)) or real_move(self, moves, b))
     groups = []  # prefills split by prompt length (stacked into one cache)
     real_groups = G.length_groups
     monkeypatch.setattr(G, "length_groups", lambda lengths, **kw: groups.append(real_groups(lengths, **kw)) or groups[-1])
@@ -94,6 +97,7 @@ def test_batched_equals_unbatched_generate(tiny_model, one_thread, monkeypatch):
     assert {"eos", "length"} <= out["finish"]  # rows ended at different steps
     assert merges, "no refill happened: the continuous-batching path was not exercised"
     assert max(trims) > 0, "no padding column was dropped: the trim path was not exercised"
+    assert max(moved) > 0, "no row was moved in place: the in-place drop path was not exercised"
     assert max(map(len, groups)) > 1, "no prefill was split by length: the grouped prefill was not exercised"
     assert sum(out["ties"].values()) <= len(ps)  # ties are rare; many would mean a real difference
 
@@ -474,6 +478,59 @@ def test_kv_padding_and_room_to_grow_take_no_memory_on_a_cpu():
         assert k.shape == (31, 4, 192, 64)
         assert torch.equal(k[:15, :, :64], live_narrow[1:]) and torch.equal(k[15:, :, 48:64], live_wide)
         assert not k[15:, :, :48].any() and not k[:, :, 64:].any()
+
+
+def test_rows_dropped_in_place_equal_a_copying_select():
+    """A finished row is dropped in place (``_drop``): the last kept rows move into the places of finished ones
+    before them. Each kept row's keys and values, its mask and its first attended position are those the
+    copying ``_select`` gives (which re-lays every kept row out), in the order ``_drop`` returns; a moved row's
+    padding reads as zeros even where the finished row it replaced had values (here NaN); the memory past the
+    kept rows is no longer part of the cache. When the kept rows share too many padding columns, ``_drop``
+    re-lays them out with ``_select``, which drops those columns."""
+    class Cache:
+        def __init__(self, layer):
+            self.layers = [layer]
+
+    def batch(starts, width=40, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        k, v = torch.zeros(len(starts), 2, width, 8), torch.zeros(len(starts), 2, width, 8)
+        mask = torch.zeros(len(starts), width, dtype=torch.long)
+        for i, s in enumerate(starts):
+            k[i, :, s:] = torch.randn(2, width - s, 8, generator=g)
+            v[i, :, s:] = torch.randn(2, width - s, 8, generator=g)
+            mask[i, s:] = 1
+        layer = G._GrowingLayer(16)
+        layer.set(G._zeros((len(starts), 2, width + 16, 8), k), G._zeros((len(starts), 2, width + 16, 8), v), width)
+        layer._k[:, :, :width], layer._v[:, :, :width] = k, v
+        layer.starts = list(starts)
+        return Cache(layer), mask, k, v
+
+    with torch.no_grad():
+        starts = [0, 3, 9, 30, 12, 20]
+        cache, mask, k, v = batch(starts)
+        cache.layers[0]._k[1, :, 3:], cache.layers[0]._v[1, :, 3:] = float("nan"), float("nan")  # finished
+        kept_mask, order = G._drop(cache, [0, 2, 4, 5], mask)
+        assert order == [0, 4, 2, 5]  # rows 4 and 5 moved into finished rows 1 and 3; rows 4 and 5 are gone
+        layer = cache.layers[0]
+        assert layer.keys.shape == (4, 2, 40, 8) and layer._k.shape[0] == 4
+        assert torch.equal(layer.keys, k[order]) and torch.equal(layer.values, v[order])  # NaN zeroed: equal
+        assert torch.equal(kept_mask, mask[order]) and layer.starts == [starts[i] for i in order]
+
+        ref, ref_mask, _, _ = batch(starts)
+        got = G._select(ref, torch.tensor(order), ref_mask)
+        assert torch.equal(got, kept_mask) and torch.equal(ref.layers[0].keys, layer.keys)
+
+        if __import__("os").path.exists("/proc/self/status"):  # the dropped rows' memory goes back at once
+            cache, mask, _, _ = batch([0] * 8, width=4096)  # 8 rows x 2 x 4,096 x 8 floats: 2 MiB of keys
+            cache.layers[0]._k.fill_(1.0), cache.layers[0]._v.fill_(1.0)  # every page resident
+            before = _anon_mib()
+            G._drop(cache, [0, 1, 2, 3], mask)  # rows 4-7 finish: 1 MiB of keys and 1 MiB of values
+            assert before - _anon_mib() > 1.9
+
+        cache, mask, k, _ = batch([0, 30, 28, 29])  # row 0 finishes: the rest share 28 padding columns
+        kept_mask, order = G._drop(cache, [1, 2, 3], mask)
+        assert order == [1, 2, 3] and kept_mask.shape == (3, 12)  # re-laid out by _select, padding dropped
+        assert torch.equal(cache.layers[0].keys, k[1:, :, 28:])
 
 
 def test_requests_that_may_decode_the_most_steps_go_first(tiny_model, one_thread, monkeypatch):
