@@ -214,20 +214,19 @@ if DynamicLayer is not None:
             moved row's positions before its first attended one are padding and must read as zeros, as
             everywhere (the attention mask hides them, and a zero cannot be NaN): what the finished row wrote
             there is zeroed."""
-            n = self.get_seq_length()
-            starts = self.starts if self.starts is not None else [0] * self._k.shape[0]
+            n, rows = self.get_seq_length(), self._k.shape[0]
+            known = self.starts is not None and len(self.starts) == rows  # else: whole rows are copied
+            starts = self.starts if known else [0] * rows
             for src, dst in moves:
                 s, d = starts[src], starts[dst]
                 for buf in (self._k, self._v):
                     buf[dst, :, s:n] = buf[src, :, s:n]  # different rows: no overlap
                     if d < s:
                         buf[dst, :, d:s] = 0
-            if self.starts is not None:
-                order = list(range(b))
-                for src, dst in moves:
-                    order[dst] = src
-                self.starts = [starts[i] for i in order]
-            rows = self._k.shape[0]
+            order = list(range(b))
+            for src, dst in moves:
+                order[dst] = src
+            self.starts = [starts[i] for i in order] if known else None
             for buf in (self._k, self._v):
                 _release_rows(buf, b, rows)
             self._k, self._v = self._k[:b], self._v[:b]
