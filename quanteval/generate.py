@@ -207,13 +207,13 @@ if DynamicLayer is not None:
             _copy_live(v, 0, 0, self._v[:, :, lead:n], starts, rows)
             self.set(k, v, n - lead)
 
-        def move_rows(self, moves: list[tuple[int, int]], b: int) -> None:
-            """Keep the first ``b`` rows, in place: row ``src`` of each ``(src, dst)`` in ``moves`` is copied
-            into row ``dst`` (a finished row's), from its first attended position; the rows at ``b`` and past
-            it are no longer part of the cache, and their pages go back to the system (``_release_rows``). A
-            moved row's positions before its first attended one are padding and must read as zeros, as
-            everywhere (the attention mask hides them, and a zero cannot be NaN): what the finished row wrote
-            there is zeroed."""
+        def move_rows(self, moves: list[tuple[int, int]], order: list[int]) -> None:
+            """Keep ``b = len(order)`` rows, in place (``order``: each kept place's old row, as ``_drop``
+            returns it): row ``src`` of each ``(src, dst)`` in ``moves`` is copied into row ``dst`` (a finished
+            row's), from its first attended position; the rows at ``b`` and past it are no longer part of the
+            cache, and their pages go back to the system (``_release_rows``). A moved row's positions before
+            its first attended one are padding and must read as zeros, as everywhere (the attention mask hides
+            them, and a zero cannot be NaN): what the finished row wrote there is zeroed."""
             n, rows = self.get_seq_length(), self._k.shape[0]
             known = self.starts is not None and len(self.starts) == rows  # else: whole rows are copied
             starts = self.starts if known else [0] * rows
@@ -223,9 +223,7 @@ if DynamicLayer is not None:
                     buf[dst, :, s:n] = buf[src, :, s:n]  # different rows: no overlap
                     if d < s:
                         buf[dst, :, d:s] = 0
-            order = list(range(b))
-            for src, dst in moves:
-                order[dst] = src
+            b = len(order)
             self.starts = [starts[i] for i in order] if known else None
             for buf in (self._k, self._v):
                 _release_rows(buf, b, rows)
@@ -393,7 +391,7 @@ def _drop(cache, keep: list[int], mask: torch.Tensor) -> tuple[torch.Tensor, lis
     for src, dst in moves:
         order[dst] = src
     for layer in cache.layers:
-        layer.move_rows(moves, b)
+        layer.move_rows(moves, order)
     return mask[torch.tensor(order, device=mask.device, dtype=torch.long)], order
 
 

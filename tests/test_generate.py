@@ -88,7 +88,7 @@ def test_batched_equals_unbatched_generate(tiny_model, one_thread, monkeypatch):
     monkeypatch.setattr(G, "_select", select)
     moved = []  # rows moved in place into the places of finished ones (_drop)
     real_move = G._GrowingLayer.move_rows
-    monkeypatch.setattr(G._GrowingLayer, "move_rows", lambda self, moves, b: moved.append(len(moves)) or real_move(self, moves, b))
+    monkeypatch.setattr(G._GrowingLayer, "move_rows", lambda self, moves, order: moved.append(len(moves)) or real_move(self, moves, order))
     groups = []  # prefills split by prompt length (stacked into one cache)
     real_groups = G.length_groups
     monkeypatch.setattr(G, "length_groups", lambda lengths, **kw: groups.append(real_groups(lengths, **kw)) or groups[-1])
